@@ -1,0 +1,100 @@
+//! The leader's ingest loop: pull events from the bus, commit them to Raft in batches, and
+//! acknowledge them only after the commit. A node that is not the leader does not pull.
+//!
+//! Exactly once: the bus redelivers anything not acknowledged (a crashed leader's in-flight batch,
+//! a failed commit), and the state machine drops event ids it already holds. So every event is
+//! applied at least once by redelivery and at most once by dedupe.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use custos_core::bus::{EventSource, InProcSource, NatsBus};
+use tokio::sync::{watch, Mutex};
+
+use crate::node::{items, Inner};
+use crate::types::{Command, Response};
+
+pub(crate) enum Input {
+    InProc(Arc<Mutex<InProcSource>>),
+    Nats(NatsBus),
+}
+
+pub(crate) async fn run(inner: Arc<Inner>, input: Input, mut shutdown: watch::Receiver<bool>) {
+    let mut metrics = inner.raft.metrics();
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        if !inner.is_leader() {
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => return,
+                _ = metrics.changed() => continue,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+            }
+        }
+        tracing::info!(node = inner.id, "leader: starting event ingest");
+        match &input {
+            Input::InProc(src) => {
+                let mut guard = src.lock().await;
+                term(&inner, &mut *guard, &mut shutdown).await;
+            }
+            Input::Nats(bus) => {
+                let ack_wait = Duration::from_secs(inner.config.bus.ack_wait_secs);
+                match bus.source(&inner.config.bus.durable, ack_wait).await {
+                    Ok(mut src) => term(&inner, &mut src, &mut shutdown).await,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "ingest cannot open the event stream; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Ingest while this node stays leader.
+async fn term<S: EventSource + ?Sized>(inner: &Inner, src: &mut S, shutdown: &mut watch::Receiver<bool>) {
+    let max = inner.config.bus.batch_max;
+    while inner.is_leader() && !*shutdown.borrow() {
+        let batch = tokio::select! {
+            biased;
+            _ = shutdown.changed() => return,
+            b = src.fetch(max, Duration::from_millis(200)) => b,
+        };
+        let batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "ingest fetch failed");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        if batch.is_empty() {
+            continue;
+        }
+        let cmd = Command::Ingest { committed_unix_nano: custos_core::events::now_unix_nano(), items: items(&batch) };
+        // Commit on this node only: if leadership moved, the new leader pulls the redelivery.
+        match inner.raft.client_write(cmd).await {
+            Ok(resp) => {
+                if let Response::Ingested { parked, .. } = resp.data {
+                    if parked > 0 {
+                        tracing::warn!(parked, "malformed events parked (see `custos audit verify`)");
+                    }
+                }
+                for d in batch {
+                    if let Err(e) = d.ack().await {
+                        tracing::debug!(error = %e, "ack failed; the event will be redelivered and deduplicated");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "ingest commit failed; events will be redelivered");
+                for d in batch {
+                    let _ = d.nack("control plane could not commit the event (leader change); it will be retried").await;
+                }
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! The Raft type configuration and the commands replicated through the log.
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+
+use serde::{Deserialize, Serialize};
+
+pub type NodeId = u64;
+pub type Node = openraft::BasicNode;
+
+openraft::declare_raft_types!(
+    /// custos's Raft types: commands in, responses out, snapshots as in-memory buffers.
+    pub TypeConfig:
+        D = Command,
+        R = Response,
+        NodeId = NodeId,
+        Node = Node,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+
+/// One event delivered by the bus, as it goes into the log.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IngestItem {
+    /// The raw `custos.v1.Event` bytes, exactly as published.
+    pub data: Vec<u8>,
+    /// Where the bus had it (JetStream stream sequence, or 0), for parked-event diagnostics.
+    pub bus_seq: u64,
+}
+
+/// A connection as the state machine stores it: credentials sealed by the proposer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct StoredConnection {
+    pub name: String,
+    pub kind: String,
+    pub address: String,
+    pub options: BTreeMap<String, String>,
+    /// Credential name → XChaCha20-Poly1305 sealed value (see custos_core::secrets).
+    pub sealed_secrets: BTreeMap<String, Vec<u8>>,
+    pub revision: u64,
+}
+
+/// A token as stored: the hash only.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct StoredToken {
+    pub token_id: String,
+    pub sha256: String,
+    pub subject: String,
+    pub groups: Vec<String>,
+    pub roles: Vec<String>,
+    pub expires_unix_nano: i64,
+    pub revoked: bool,
+}
+
+/// Everything that changes the replicated state. Commands are deterministic: anything random or
+/// time-dependent (ids, timestamps, ciphertext) is chosen by the proposer and carried here.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Command {
+    /// Append bus events to the canonical audit log (deduplicated by event id).
+    Ingest { committed_unix_nano: i64, items: Vec<IngestItem> },
+    /// Store a new policy version. `event` is the PolicyApplied event for the audit log.
+    ApplyPolicy {
+        text: String,
+        description: String,
+        author: String,
+        expected_version: u64,
+        applied_unix_nano: i64,
+        event: Vec<u8>,
+    },
+    /// Create or replace a connection. `keep_secrets`: keep stored credentials not given here.
+    PutConnection { conn: StoredConnection, keep_secrets: bool, event: Vec<u8>, committed_unix_nano: i64 },
+    DeleteConnection { name: String, event: Vec<u8>, committed_unix_nano: i64 },
+    IssueToken { token: StoredToken, event: Vec<u8>, committed_unix_nano: i64 },
+    RevokeToken { token_id: String },
+}
+
+/// What applying a command produced.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub enum Response {
+    #[default]
+    None,
+    Ingested { appended: u64, duplicates: u64, parked: u64, head_seq: u64 },
+    PolicyVersion(u64),
+    /// The optimistic-concurrency check of ApplyPolicy failed.
+    VersionConflict { current: u64 },
+    Revision(u64),
+    NotFound,
+}

@@ -1,0 +1,277 @@
+//! The event bus: one publishing trait ([`EventBus`]) used by edges, one consuming trait
+//! ([`EventSource`]) used by the control-plane leader's ingest loop, and two implementations:
+//!
+//! - [`inproc`]: a bounded in-process queue for `custos dev` and tests. `publish` returns only once
+//!   the consumer has acked (committed) the event, so it has the same "durably accepted" meaning as
+//!   the production bus.
+//! - [`nats`]: NATS JetStream. `publish` returns once the stream has stored the event (JetStream
+//!   ack); the event id is the `Nats-Msg-Id`, so a re-publish within the duplicate window is dropped
+//!   by the broker and reported with `duplicate: true`.
+//!
+//! Every event goes to the subject `custos.events.<kind>.<connection>` ([`subject_for`]).
+//!
+//! Errors ([`BusError`]) are meant to be shown to operators as they are: each message names the
+//! cause and what to check next, and never contains credentials embedded in a URL.
+
+use std::time::Duration;
+
+use custos_proto::Event;
+use futures::future::BoxFuture;
+
+pub mod inproc;
+pub mod nats;
+
+pub use inproc::{InProcBus, InProcSource};
+pub use nats::{NatsBus, NatsConfig, NatsSource};
+
+/// Prefix of every event subject; the JetStream stream captures `custos.events.>`.
+pub const EVENTS_SUBJECT_PREFIX: &str = "custos.events";
+
+/// Why the bus could not take or hand over an event.
+///
+/// `Unavailable` and `Timeout` are transient (retry with back-off); `Rejected` and `Invalid` need a
+/// change of configuration or input; `Closed` means the other side of the bus is gone for good.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BusError {
+    /// The broker cannot be reached (cannot connect, connection lost, JetStream not enabled).
+    /// `url` never contains credentials.
+    #[error(
+        "event bus unavailable: NATS at {url}: {detail}; check that nats-server is running with \
+         JetStream (-js) and that [bus] url / CUSTOS_NATS_URL points at it"
+    )]
+    Unavailable { url: String, detail: String },
+    /// The broker did not answer in time.
+    #[error(
+        "event bus timeout: no {what} within {after:?}; the NATS server may be down, overloaded \
+         or partitioned; check nats-server health and logs, or raise [bus] publish_timeout_ms"
+    )]
+    Timeout { what: String, after: Duration },
+    /// The broker (or the in-process consumer) answered and refused.
+    #[error(
+        "event bus rejected the request: {0}; check the nats-server logs and the [bus] settings \
+         (stream, replicas, max_age_days) against the existing stream"
+    )]
+    Rejected(String),
+    /// The other side of the bus is gone: the consumer stopped before committing the event (or,
+    /// seen from the consumer, every publisher was dropped).
+    #[error(
+        "event bus closed: the other side of the in-process bus is gone (the consumer stopped \
+         before committing the event, or every publisher was dropped); this is expected during \
+         shutdown, otherwise check the control-plane logs for why event ingest stopped"
+    )]
+    Closed,
+    /// The request cannot be valid as given (bad configuration or malformed event).
+    #[error("event bus: invalid request: {0}; fix the configuration or the event and retry")]
+    Invalid(String),
+}
+
+impl BusError {
+    /// Whether retrying the same request later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, BusError::Unavailable { .. } | BusError::Timeout { .. })
+    }
+}
+
+/// What the bus reports for an accepted event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishAck {
+    /// Sequence of the event in the stream (in-process: a per-bus counter starting at 1).
+    pub stream_seq: u64,
+    /// The broker had already stored an event with this id (within its duplicate window); this
+    /// publish was dropped and `stream_seq` is the sequence of the first one.
+    pub duplicate: bool,
+}
+
+/// Publishing side, used by edges (and by the control plane for its own events).
+pub trait EventBus: Send + Sync + 'static {
+    /// Publish one event; resolves once the bus has durably accepted it (JetStream ack;
+    /// in-process: committed by the consumer).
+    fn publish<'a>(&'a self, event: &'a Event) -> BoxFuture<'a, Result<PublishAck, BusError>>;
+}
+
+impl<T: EventBus + ?Sized> EventBus for std::sync::Arc<T> {
+    fn publish<'a>(&'a self, event: &'a Event) -> BoxFuture<'a, Result<PublishAck, BusError>> {
+        (**self).publish(event)
+    }
+}
+
+impl<T: EventBus + ?Sized> EventBus for Box<T> {
+    fn publish<'a>(&'a self, event: &'a Event) -> BoxFuture<'a, Result<PublishAck, BusError>> {
+        (**self).publish(event)
+    }
+}
+
+/// The bus subject of an event: `custos.events.<kind>.<connection>`.
+///
+/// `kind` is [`custos_proto::payload_kind`]; `connection` is made one NATS token: characters
+/// other than `[A-Za-z0-9_-]` become `_`, and an empty name becomes `_`.
+pub fn subject_for(event: &Event) -> String {
+    let kind = custos_proto::payload_kind(event.payload.as_ref());
+    format!(
+        "{EVENTS_SUBJECT_PREFIX}.{kind}.{}",
+        subject_token(&event.connection)
+    )
+}
+
+/// Make `s` a single NATS subject token.
+pub fn subject_token(s: &str) -> String {
+    if s.is_empty() {
+        return "_".to_string();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Check what every bus requires of an event before it is put on the wire.
+fn check_event(event: &Event) -> Result<(), BusError> {
+    if event.id.is_empty() {
+        return Err(BusError::Invalid(
+            "event has no id (the id is the bus de-duplication key); build events with \
+             custos_core::events::Origin::event"
+                .to_string(),
+        ));
+    }
+    Ok(())
+}
+
+/// Consuming side, used by the control-plane leader's ingest loop.
+pub trait EventSource: Send + 'static {
+    /// Wait at most `wait` for at least one delivery, return up to `max` (may return an empty
+    /// `Vec` on timeout).
+    fn fetch(
+        &mut self,
+        max: usize,
+        wait: Duration,
+    ) -> BoxFuture<'_, Result<Vec<Delivery>, BusError>>;
+}
+
+impl<T: EventSource + ?Sized> EventSource for Box<T> {
+    fn fetch(
+        &mut self,
+        max: usize,
+        wait: Duration,
+    ) -> BoxFuture<'_, Result<Vec<Delivery>, BusError>> {
+        (**self).fetch(max, wait)
+    }
+}
+
+/// One event handed to the consumer. It must be [`ack`](Delivery::ack)ed once committed, or
+/// [`nack`](Delivery::nack)ed. Dropping it without either means: in-process, the publisher gets
+/// [`BusError::Closed`]; NATS, the event is redelivered after the consumer's ack wait.
+pub struct Delivery {
+    /// The encoded `custos.v1.Event`.
+    pub data: bytes::Bytes,
+    /// The subject it was published on.
+    pub subject: String,
+    acker: Acker,
+}
+
+enum Acker {
+    InProc(inproc::Acker),
+    Nats(nats::Acker),
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("subject", &self.subject)
+            .field("len", &self.data.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Delivery {
+    /// The event is committed: remove it from the stream's pending set (in-process: the
+    /// publisher's `publish` resolves with `Ok`).
+    pub async fn ack(self) -> Result<(), BusError> {
+        match self.acker {
+            Acker::InProc(a) => a.ack(),
+            Acker::Nats(a) => a.ack().await,
+        }
+    }
+
+    /// The event is not committed: redeliver it later (NATS: negative ack with a short delay;
+    /// in-process: the publisher gets [`BusError::Rejected`] with `reason`).
+    pub async fn nack(self, reason: &str) -> Result<(), BusError> {
+        match self.acker {
+            Acker::InProc(a) => a.nack(reason),
+            Acker::Nats(a) => a.nack(reason).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use custos_proto::v1::{event::Payload, SessionStarted};
+
+    fn event(connection: &str, payload: Option<Payload>) -> Event {
+        Event {
+            id: "x".into(),
+            connection: connection.into(),
+            payload,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn subject_for_sanitizes_the_connection_into_one_token() {
+        let p = Some(Payload::SessionStarted(SessionStarted::default()));
+        assert_eq!(
+            subject_for(&event("prod-pg", p.clone())),
+            "custos.events.session_started.prod-pg"
+        );
+        assert_eq!(
+            subject_for(&event("a.b *>c d\té", p.clone())),
+            "custos.events.session_started.a_b___c_d__"
+        );
+        assert_eq!(
+            subject_for(&event("", p.clone())),
+            "custos.events.session_started._"
+        );
+        assert_eq!(
+            subject_for(&event("Snake_Case-9", None)),
+            "custos.events.unknown.Snake_Case-9"
+        );
+        for s in [
+            subject_for(&event("..", p.clone())),
+            subject_for(&event(">", p)),
+        ] {
+            assert_eq!(s.split('.').count(), 4, "{s}");
+            assert!(!s.contains('>') && !s.contains('*') && !s.contains(' '), "{s}");
+        }
+    }
+
+    #[test]
+    fn events_without_id_are_invalid() {
+        assert!(matches!(
+            check_event(&Event::default()),
+            Err(BusError::Invalid(_))
+        ));
+        assert!(check_event(&event("c", None)).is_ok());
+    }
+
+    #[test]
+    fn error_messages_name_cause_and_next_step() {
+        let e = BusError::Unavailable {
+            url: "nats://127.0.0.1:4222".into(),
+            detail: "cannot connect (connection refused)".into(),
+        };
+        let s = e.to_string();
+        assert!(s.contains("nats://127.0.0.1:4222") && s.contains("CUSTOS_NATS_URL"), "{s}");
+        let t = BusError::Timeout {
+            what: "JetStream ack".into(),
+            after: Duration::from_secs(5),
+        }
+        .to_string();
+        assert!(t.contains("5s") && t.contains("publish_timeout_ms"), "{t}");
+        assert!(BusError::Closed.to_string().contains("control-plane logs"));
+    }
+}

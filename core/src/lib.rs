@@ -1,0 +1,24 @@
+//! custos-core: the shared domain of the gateway, with no knowledge of any one protocol.
+//!
+//! ```text
+//!  edge ──Event──▶ bus::EventBus ──▶ (in-process queue | NATS JetStream) ──▶ bus::EventSource ──▶ control plane
+//!                                                                                   │
+//!                                                     audit::chain (seq + SHA-256 link) ◀─┘
+//! ```
+//!
+//! - [`events`]: building events (UUIDv7 ids, timestamps) and naming their bus subjects.
+//! - [`bus`]: the one event-bus trait and its in-process and NATS JetStream implementations.
+//! - [`audit`]: the canonical record's hash chain and its OCSF-shaped JSON form for SIEMs.
+//! - [`policy`]: the Cedar schema and policy validation.
+//! - [`token`]: custos-issued tokens (only their hashes are stored).
+//! - [`secrets`]: AEAD encryption of connection credentials at rest.
+#![forbid(unsafe_code)]
+
+pub mod audit;
+pub mod bus;
+pub mod events;
+pub mod policy;
+pub mod secrets;
+pub mod token;
+
+pub use custos_proto as proto;

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The one test command: installs what the suite needs when it is missing, then runs everything.
+#   ./scripts/test.sh            full suite (fmt, clippy, all tests)
+#   ./scripts/test.sh --quick    tests only
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_pkgs=()
+have() { command -v "$1" >/dev/null 2>&1; }
+pkg_installed() { dpkg -s "$1" >/dev/null 2>&1; }
+pkg_installed libclang-dev || need_pkgs+=(libclang-dev)
+pkg_installed clang || need_pkgs+=(clang)
+have nats-server || [ -x /usr/sbin/nats-server ] || need_pkgs+=(nats-server)
+have g++ || need_pkgs+=(g++)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  echo "installing: ${need_pkgs[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+if ! have cargo; then
+  echo "cargo is missing: install Rust with rustup (the toolchain is pinned in rust-toolchain.toml)" >&2
+  exit 1
+fi
+
+# RocksDB takes ~11 minutes to compile cold; keep the build cache outside the clone.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/custos/target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+mkdir -p "$CARGO_TARGET_DIR"
+
+if [ "${1:-}" != "--quick" ]; then
+  cargo fmt --all -- --check
+  cargo clippy --workspace --all-targets -- -D warnings
+fi
+
+if have cargo-nextest; then
+  cargo nextest run --workspace --no-fail-fast
+else
+  cargo test --workspace --no-fail-fast
+fi

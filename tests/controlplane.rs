@@ -1,0 +1,332 @@
+//! Control-plane behaviour against real processes: recovery from log and snapshot, joining a node,
+//! tamper detection, bad input, and `custos dev`.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::Result;
+use common::*;
+use custos_core::bus::{EventBus, NatsBus, NatsConfig};
+use custos_core::events::Origin;
+use custos_proto::v1::{event::Payload, AuditRecord, SessionStarted};
+use prost::Message;
+
+async fn head(server: &str) -> u64 {
+    client(server).await.status().await.map(|s| s.audit_head_seq).unwrap_or(0)
+}
+
+async fn issue_tokens(server: &str, n: usize) -> Result<()> {
+    let mut c = client(server).await;
+    for i in 0..n {
+        c.issue_token(format!("svc-{i}"), vec!["agents".into()], 600, vec![]).await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_node_catches_up_from_snapshot_and_a_new_node_joins() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    // Snapshots every 40 entries, keeping only 5 logs: a node that misses 200 writes needs a snapshot.
+    let opts = ClusterOpts { nats_url: None, snapshot_every: 40, keep_logs: 5 };
+    let mut nodes = cluster(root.path(), &[1, 2, 3, 4], &[1, 2, 3], &opts)?;
+    for n in nodes.iter_mut().take(3) {
+        n.spawn()?;
+    }
+    let first3: Vec<&NodeProc> = nodes.iter().take(3).collect();
+    eventually(Duration::from_secs(30), "a leader", || async { leader(&first3).await.is_some() }).await?;
+
+    // Writes through any node are forwarded to the leader.
+    issue_tokens(&nodes[0].server(), 20).await?;
+    issue_tokens(&nodes[2].server(), 20).await?;
+
+    // Stop a follower, write enough to purge the log it would need, restart it.
+    let l = leader(&first3).await.unwrap();
+    let victim = nodes.iter().take(3).position(|n| n.id != l).unwrap();
+    nodes[victim].kill();
+    let live = nodes.iter().take(3).find(|n| n.id != nodes[victim].id).unwrap().server();
+    issue_tokens(&live, 200).await?;
+    let want = head(&live).await;
+    assert!(want >= 240, "head {want}");
+    nodes[victim].spawn()?;
+    let vs = nodes[victim].server();
+    eventually(Duration::from_secs(60), "restarted node to catch up", || {
+        let vs = vs.clone();
+        async move { head(&vs).await >= want }
+    })
+    .await?;
+    let st = client(&vs).await.status().await?;
+    assert!(st.snapshot_index > 0, "restarted node should hold a snapshot: {st:?}");
+    let (code, out, err) = cli(&vs, &["audit", "verify"]);
+    assert_eq!(code, 0, "{out}{err}");
+
+    // A fourth node, started with no initial members, joins through `custos cluster add`.
+    nodes[3].spawn()?;
+    let (code, out, err) = cli(&live, &["cluster", "add", "--id", "4", "--addr", &nodes[3].addr()]);
+    assert_eq!(code, 0, "cluster add: {out}{err}");
+    assert!(out.contains("4 127.0.0.1") && out.contains("voter"), "{out}");
+    let n4 = nodes[3].server();
+    eventually(Duration::from_secs(60), "node 4 to catch up", || {
+        let n4 = n4.clone();
+        async move { head(&n4).await >= want }
+    })
+    .await?;
+    let (code, out, err) = cli(&n4, &["audit", "verify"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, _) = cli(&n4, &["cluster", "status"]);
+    assert_eq!(code, 0);
+    assert_eq!(out.matches("voter").count(), 4, "{out}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampering_with_a_stored_record_is_detected_and_named() -> Result<()> {
+    use custos_controlplane::types::{Command as Cmd, IngestItem};
+    let root = tempfile::tempdir()?;
+    let mut cfg = custos_controlplane::ControlPlaneConfig::default();
+    cfg.node.listen = "127.0.0.1:0".into();
+    cfg.node.data_dir = root.path().to_path_buf();
+    cfg.node.admin_token_file = Some(root.path().join("admin.token"));
+    std::fs::write(root.path().join("admin.token"), ADMIN_TOKEN)?;
+    cfg.bus.kind = custos_controlplane::config::BusKind::None;
+    cfg.cluster.initial_members.insert("1".into(), "127.0.0.1:0".into());
+    let node = custos_controlplane::ControlPlane::start(cfg, custos_controlplane::EventInput::None).await?;
+    let server = format!("http://{}", node.addr());
+    eventually(Duration::from_secs(10), "leadership", || async { node.raft().current_leader().await == Some(1) }).await?;
+
+    let origin = Origin { edge_id: "e".into(), identity: "alice".into(), ..Default::default() };
+    let items = (0..100)
+        .map(|_| IngestItem { data: origin.event(Payload::SessionStarted(SessionStarted::default())).encode_to_vec(), bus_seq: 0 })
+        .collect();
+    node.write(Cmd::Ingest { committed_unix_nano: 1, items }).await?;
+    let (code, out, _) = cli(&server, &["audit", "verify"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("holds 100 records"), "{out}");
+
+    // Edit one byte of record 37's event.
+    let store = node.store().clone();
+    let original = store.audit_range(37, 1).remove(0);
+    let mut edited = original.clone();
+    edited.event[5] ^= 0x20;
+    store.raw_audit_put(37, Some(&edited.encode_to_vec()))?;
+    let (code, out, _) = cli(&server, &["audit", "verify"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("seq 37 (hash_mismatch)"), "{out}");
+
+    // Restore it, then delete record 58.
+    store.raw_audit_put(37, Some(&original.encode_to_vec()))?;
+    assert_eq!(cli(&server, &["audit", "verify"]).0, 0);
+    store.raw_audit_put(58, None)?;
+    let (code, out, _) = cli(&server, &["audit", "verify"]);
+    assert_eq!(code, 1);
+    assert!(out.contains("seq 58 (missing)"), "{out}");
+
+    // Replace record 58 with a re-hashed forgery: the next link breaks.
+    let r57: AuditRecord = store.audit_range(57, 1).remove(0);
+    let forged = custos_core::audit::next_record(58, 1, &r57.hash, "forged-id", b"forged".to_vec());
+    store.raw_audit_put(58, Some(&forged.encode_to_vec()))?;
+    let (code, out, _) = cli(&server, &["audit", "verify"]);
+    assert_eq!(code, 1);
+    assert!(out.contains("seq 59 (chain_broken)"), "{out}");
+
+    // Delete the last record: the tail cut is detected against the stored head.
+    let r58 = store.audit_range(58, 1);
+    assert!(!r58.is_empty());
+    node.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_events_are_parked_and_do_not_block_ingest() -> Result<()> {
+    let nats = Nats::start()?;
+    let root = tempfile::tempdir()?;
+    let opts = ClusterOpts { nats_url: Some(nats.url()), snapshot_every: 5000, keep_logs: 1000 };
+    let mut nodes = cluster(root.path(), &[1], &[1], &opts)?;
+    nodes[0].spawn()?;
+    let server = nodes[0].server();
+    let bus = NatsBus::connect(NatsConfig { url: nats.url(), ..Default::default() }).await?;
+    let js = bus.jetstream().clone();
+    let origin = Origin { edge_id: "e".into(), identity: "bob".into(), connection: "db".into(), ..Default::default() };
+    let mut good = 0;
+    for i in 0..60 {
+        if i % 10 == 3 {
+            // Garbage bytes, an event without payload, and a non-UUID id.
+            let junk: Vec<u8> = match i % 3 {
+                0 => vec![0xff, 0xfe, 0x01, 0x02],
+                1 => custos_proto::v1::Event { id: uuid::Uuid::now_v7().to_string(), ..Default::default() }.encode_to_vec(),
+                _ => custos_proto::v1::Event {
+                    id: "not-a-uuid".into(),
+                    payload: Some(Payload::SessionStarted(SessionStarted::default())),
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+            };
+            js.publish(format!("custos.events.junk.{i}"), junk.into()).await?.await?;
+        } else {
+            bus.publish(&origin.event(Payload::SessionStarted(SessionStarted::default()))).await?;
+            good += 1;
+        }
+    }
+    eventually(Duration::from_secs(30), "all good events committed", || {
+        let server = server.clone();
+        async move { head(&server).await >= good }
+    })
+    .await?;
+    let v = client(&server).await.verify().await?;
+    assert!(v.ok, "{v:?}");
+    assert_eq!(v.checked, good);
+    assert_eq!(v.parked, 6);
+    let (_, out, _) = cli(&server, &["audit", "verify"]);
+    assert!(out.contains("6 malformed events parked"), "{out}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_policy_is_rejected_and_the_previous_version_stays() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let mut nodes = cluster(root.path(), &[1], &[1], &ClusterOpts { nats_url: None, snapshot_every: 5000, keep_logs: 1000 })?;
+    nodes[0].spawn()?;
+    let server = nodes[0].server();
+    eventually(Duration::from_secs(20), "leader", || async { head(&server).await == 0 && leader(&[&nodes[0]]).await.is_some() }).await?;
+
+    let dir = root.path();
+    let good = dir.join("good.cedar");
+    std::fs::write(
+        &good,
+        "@id(\"agents-read\")\npermit(principal in Custos::Group::\"agents\", action in Custos::Action::\"sql:read\", resource);\n",
+    )?;
+    let (code, out, err) = cli(&server, &["policy", "apply", good.to_str().unwrap(), "-m", "first"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("version 1"), "{out}");
+
+    let typo = dir.join("typo.cedar");
+    std::fs::write(&typo, "permit(principal, action == Custos::Action::\"sql:selct\", resource);\n")?;
+    let (code, out, err) = cli(&server, &["policy", "apply", typo.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("previous version stays in force") && err.contains("line 1"), "{out}{err}");
+
+    let syntax = dir.join("syntax.cedar");
+    std::fs::write(&syntax, "permit(principal, action, resource)\nforbid(principal action, resource);\n")?;
+    let (code, _, err) = cli(&server, &["policy", "apply", syntax.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("line 2") || err.contains("line 1"), "{err}");
+    // The local validator reports file:line:column.
+    let (code, _, err) = cli(&server, &["policy", "validate", syntax.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("syntax.cedar:"), "{err}");
+
+    let (code, out, err) = cli(&server, &["policy", "get"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("agents-read") && err.contains("version 1"), "{out}{err}");
+
+    // Bad requests name the problem.
+    let (code, _, err) = cli(&server, &["connection", "put", "x y", "--kind", "postgres", "--address", "a:1"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("connection name"), "{err}");
+    let (code, _, err) = cli(&server, &["connection", "put", "db", "--kind", "oracle", "--address", "a:1"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("kind"), "{err}");
+    // A bad token is refused with the next step.
+    let out = Command::new(custos_bin())
+        .args(["policy", "get"])
+        .env("CUSTOS_SERVER", &server)
+        .env("CUSTOS_TOKEN", "cst_0000000000000000_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("custos token issue"), "{err}");
+    // An unreachable server is named.
+    let (code, _, err) = cli(&format!("http://127.0.0.1:{}", free_port()), &["cluster", "status"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("cannot reach the control plane"), "{err}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_secrets_are_sealed_and_never_returned_to_admins() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let mut nodes = cluster(root.path(), &[1], &[1], &ClusterOpts { nats_url: None, snapshot_every: 5000, keep_logs: 1000 })?;
+    nodes[0].spawn()?;
+    let server = nodes[0].server();
+    eventually(Duration::from_secs(20), "leader", || async { leader(&[&nodes[0]]).await.is_some() }).await?;
+    let (code, out, err) = cli(
+        &server,
+        &["connection", "put", "prod-pg", "--kind", "postgres", "--address", "127.0.0.1:5432", "-o", "database=app", "-s", "username=app", "-s", "password=S3cr3t-P4ss"],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("secrets=password,username") && !out.contains("S3cr3t"), "{out}");
+    let (_, out, _) = cli(&server, &["audit", "search", "--kind", "connection_changed", "--json"]);
+    assert!(out.contains("created") && !out.contains("S3cr3t"), "{out}");
+    // Not in the node's log either, nor in plain text anywhere in its data directory.
+    assert!(!nodes[0].log().contains("S3cr3t"));
+    let mut found = false;
+    for entry in walk(&nodes[0].dir) {
+        if std::fs::read(&entry).map(|b| b.windows(11).any(|w| w == b"S3cr3t-P4ss")).unwrap_or(false) {
+            found = true;
+        }
+    }
+    assert!(!found, "a credential was stored in plain text");
+    Ok(())
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custos_dev_runs_the_embedded_default() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let port = free_port();
+    let mut child = Command::new(custos_bin())
+        .args(["dev", "--data-dir"])
+        .arg(dir.path())
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    wait_port(port, Duration::from_secs(20))?;
+    let server = format!("http://127.0.0.1:{port}");
+    let token = std::fs::read_to_string(dir.path().join("admin.token"))?;
+    let run = |args: &[&str]| {
+        let out = Command::new(custos_bin()).args(args).env("CUSTOS_SERVER", &server).env("CUSTOS_TOKEN", token.trim()).output().unwrap();
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/examples/policies/agents.cedar");
+    let mut ok = false;
+    for _ in 0..50 {
+        let (code, _, _) = run(&["cluster", "status"]);
+        if code == 0 && run(&["cluster", "status"]).1.contains("leader 1") {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(ok, "dev node never became leader");
+    let (code, out, err) = run(&["policy", "apply", example]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, _) = run(&["token", "issue", "agent:reporter", "--group", "agents", "--ttl", "8h"]);
+    assert_eq!(code, 0);
+    assert!(out.trim().starts_with("cst_"));
+    let (code, out, _) = run(&["audit", "search", "--kind", "token_issued"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("agent:reporter"), "{out}");
+    assert!(!out.contains("cst_"), "a token leaked into the audit log: {out}");
+    let (code, out, _) = run(&["audit", "verify"]);
+    assert_eq!(code, 0, "{out}");
+    // SIGTERM shuts it down cleanly.
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    let status = tokio::task::spawn_blocking(move || child.wait()).await??;
+    assert!(status.success(), "{status:?}");
+    Ok(())
+}
