@@ -389,7 +389,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
-        self.put_meta(b"purged", &Some(log_id), true, ErrorSubject::Store)?;
+        self.put_meta(b"purged", &log_id, true, ErrorSubject::Store)?;
         self.store
             .db
             .delete_range_cf(self.store.cf(CF_LOGS), be(0), be(log_id.index + 1))

@@ -335,6 +335,48 @@ pub struct ValidatedPolicies {
 ///
 /// See the module documentation for ids, annotations and which warnings count as errors.
 pub fn validate(text: &str) -> Result<ValidatedPolicies, PolicyErrors> {
+    if let Some(problem) = check_nesting(text) {
+        return Err(PolicyErrors {
+            problems: vec![problem],
+        });
+    }
+    // Cedar's parser recurses on nesting without a guard, and its typechecker silently gives up
+    // (reporting no error) when the stack runs low, so parse and validate on a thread whose
+    // stack is far larger than `MAX_NESTING` needs, whatever the caller's stack is.
+    std::thread::scope(|scope| {
+        let worker = std::thread::Builder::new()
+            .name("custos-policy-validate".to_string())
+            .stack_size(VALIDATION_STACK)
+            .spawn_scoped(scope, || validate_on_this_thread(text));
+        match worker {
+            Ok(worker) => match worker.join() {
+                Ok(result) => result,
+                Err(panic) => std::panic::resume_unwind(panic),
+            },
+            Err(e) => Err(PolicyErrors {
+                problems: vec![problem_at(
+                    text,
+                    None,
+                    format!("could not start the policy validation thread: {e}"),
+                )],
+            }),
+        }
+    })
+}
+
+/// The stack of the validation thread (reserved address space; only touched pages are used).
+const VALIDATION_STACK: usize = 64 << 20;
+
+/// The deepest expression a policy may hold, as estimated by [`check_nesting`]. Realistic
+/// policies stay below 30; the limit keeps Cedar's recursive parser, typechecker and evaluator
+/// (which errors out, so a `forbid` would silently not apply) well inside their stacks.
+pub const MAX_NESTING: usize = 128;
+
+/// Each bracket level counts this much towards [`MAX_NESTING`] (brackets cost Cedar's parser
+/// several stack frames each).
+const BRACKET_WEIGHT: usize = 4;
+
+fn validate_on_this_thread(text: &str) -> Result<ValidatedPolicies, PolicyErrors> {
     let parsed = match PolicySet::from_str(text) {
         Ok(set) => set,
         Err(errors) => {
@@ -453,17 +495,25 @@ pub fn validate(text: &str) -> Result<ValidatedPolicies, PolicyErrors> {
     };
 
     let result = validator().validate(&set, ValidationMode::Strict);
+    let mut failed: Vec<&PolicyId> = Vec::new();
     for e in result.validation_errors() {
+        failed.push(e.policy_id());
         problems.push(problem_from(text, &DetailedError::from(e)));
     }
     let mut warnings = Vec::new();
-    for w in result.validation_warnings() {
-        let problem = problem_from(text, &DetailedError::from(w));
-        if warning_is_fatal(w) {
-            problems.push(problem);
-        } else {
-            warnings.push(problem);
+    // One "can never apply" problem per policy, and none for a policy that already has an error
+    // (an unknown action or type also makes the policy impossible).
+    let (mut fatal, other): (Vec<&ValidationWarning>, Vec<&ValidationWarning>) =
+        result.validation_warnings().partition(|w| warning_is_fatal(w));
+    fatal.sort_by_key(|w| !matches!(w, ValidationWarning::InvalidActionApplication(_)));
+    for w in fatal {
+        if !failed.contains(&w.policy_id()) {
+            failed.push(w.policy_id());
+            problems.push(problem_from(text, &DetailedError::from(w)));
         }
+    }
+    for w in other {
+        warnings.push(problem_from(text, &DetailedError::from(w)));
     }
 
     if !problems.is_empty() || !rekeyed {
@@ -561,6 +611,179 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
     let column = before[line_start..].chars().count() + 1;
     (line, column)
+}
+
+/// A token of Cedar text, as far as nesting is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tok {
+    /// A binary/unary operator; the number is its precedence level (0 binds loosest).
+    Op(u8),
+    Open,
+    Close,
+    /// `,` or `:` (separates sibling expressions).
+    Sep,
+    /// `;` (ends a policy).
+    End,
+    /// Anything else (names, literals, keywords that are not operators).
+    Atom,
+}
+
+/// The highest precedence level `Tok::Op` uses (member access and unary operators).
+const TOP_LEVEL: u8 = 6;
+
+/// Split Cedar text into [`Tok`]s with their byte offsets, skipping comments and whitespace.
+fn lex(text: &str) -> Vec<(Tok, usize)> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        let start = i;
+        let c = bytes[i];
+        let next = bytes.get(i + 1).copied();
+        let tok = match c {
+            b'/' if next == Some(b'/') => {
+                while i < bytes.len() && bytes[i] != b'\n' {
+                    i += 1;
+                }
+                continue;
+            }
+            c if c.is_ascii_whitespace() => {
+                i += 1;
+                continue;
+            }
+            b'"' => {
+                i += 1;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+                Tok::Atom
+            }
+            c if c.is_ascii_alphanumeric() || c == b'_' => {
+                while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_') {
+                    i += 1;
+                }
+                match &text[start..i] {
+                    "if" | "then" | "else" => Tok::Op(0),
+                    "in" | "has" | "like" | "is" => Tok::Op(3),
+                    _ => Tok::Atom,
+                }
+            }
+            _ => {
+                let two = [c, next.unwrap_or(0)];
+                let (tok, len) = match &two {
+                    b"||" => (Tok::Op(1), 2),
+                    b"&&" => (Tok::Op(2), 2),
+                    b"==" | b"!=" | b"<=" | b">=" => (Tok::Op(3), 2),
+                    b"::" => (Tok::Atom, 2),
+                    _ => (
+                        match c {
+                            b'<' | b'>' => Tok::Op(3),
+                            b'+' | b'-' => Tok::Op(4),
+                            b'*' => Tok::Op(5),
+                            b'!' | b'.' => Tok::Op(TOP_LEVEL),
+                            b'(' | b'[' | b'{' => Tok::Open,
+                            b')' | b']' | b'}' => Tok::Close,
+                            b',' | b':' => Tok::Sep,
+                            b';' => Tok::End,
+                            _ => Tok::Atom,
+                        },
+                        1,
+                    ),
+                };
+                // step over a whole UTF-8 character for non-ASCII atoms
+                i += len;
+                while i < bytes.len() && !text.is_char_boundary(i) {
+                    i += 1;
+                }
+                tok
+            }
+        };
+        out.push((tok, start));
+    }
+    out
+}
+
+/// An element of an expression for depth estimation: an operator or an operand of known depth.
+#[derive(Debug, Clone, Copy)]
+enum Item {
+    Op(u8),
+    Operand(usize),
+}
+
+/// Estimate of the AST depth of a flat sequence of operators and operands, assuming the
+/// precedence levels of [`Tok::Op`]: a chain of `n` operators at one level nests `n` deep.
+fn chain_depth(items: &[Item], level: u8) -> usize {
+    if level > TOP_LEVEL {
+        return items
+            .iter()
+            .map(|i| match i {
+                Item::Operand(d) => *d,
+                Item::Op(_) => 0,
+            })
+            .max()
+            .unwrap_or(0);
+    }
+    let parts = items.split(|i| matches!(i, Item::Op(l) if *l == level));
+    let mut ops = 0;
+    let mut deepest = 0;
+    for part in parts {
+        ops += 1;
+        deepest = deepest.max(chain_depth(part, level + 1));
+    }
+    ops - 1 + deepest
+}
+
+/// Read sibling expressions up to the matching close bracket (or the end of the policy) and
+/// return the deepest one's estimated depth, or `Err(offset)` of a bracket nested too deeply.
+fn group_depth(toks: &[(Tok, usize)], pos: &mut usize, brackets: usize) -> Result<usize, usize> {
+    let mut deepest = 0;
+    let mut element: Vec<Item> = Vec::new();
+    while let Some(&(tok, offset)) = toks.get(*pos) {
+        *pos += 1;
+        match tok {
+            Tok::Op(level) => element.push(Item::Op(level)),
+            Tok::Atom => element.push(Item::Operand(1)),
+            Tok::Open => {
+                if (brackets + 1) * BRACKET_WEIGHT > MAX_NESTING {
+                    return Err(offset);
+                }
+                let inner = group_depth(toks, pos, brackets + 1)?;
+                element.push(Item::Operand(inner + BRACKET_WEIGHT));
+            }
+            Tok::Sep => {
+                deepest = deepest.max(chain_depth(&element, 0));
+                element.clear();
+            }
+            Tok::Close if brackets > 0 => break,
+            Tok::Close | Tok::End => {}
+        }
+    }
+    Ok(deepest.max(chain_depth(&element, 0)))
+}
+
+/// Reject text whose expressions nest deeper than [`MAX_NESTING`] (see [`validate`]).
+fn check_nesting(text: &str) -> Option<PolicyProblem> {
+    let toks = lex(text);
+    for policy in toks.split(|(t, _)| *t == Tok::End) {
+        let Some(&(_, start)) = policy.first() else {
+            continue;
+        };
+        let mut pos = 0;
+        let (offset, what) = match group_depth(policy, &mut pos, 0) {
+            Ok(depth) if depth <= MAX_NESTING => continue,
+            Ok(depth) => (start, format!("about {depth} levels")),
+            Err(offset) => (offset, format!("more than {} brackets", MAX_NESTING / BRACKET_WEIGHT)),
+        };
+        return Some(problem_at(
+            text,
+            Some(offset),
+            format!(
+                "expression nested too deeply ({what}; the limit is {MAX_NESTING}): split the policy, or use `containsAny`/`in [...]` instead of long `||` chains"
+            ),
+        ));
+    }
+    None
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -948,19 +1171,81 @@ when { context.tool == "delete_repo" || context.arguments like "*\"force\": true
     }
 
     #[test]
-    fn deep_nesting_does_not_crash() {
-        let depth = 2000;
+    fn deep_nesting_is_rejected_not_a_crash() {
+        for depth in [40, 2000, 100_000] {
+            let text = format!(
+                "permit(principal, action, resource)\nwhen {{ {}true{} }};",
+                "(".repeat(depth),
+                ")".repeat(depth)
+            );
+            let problems = errors(&text);
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert!(problems[0].message.contains("nested too deeply"), "{problems:?}");
+            assert_eq!(problems[0].line, 2, "{problems:?}");
+            // unclosed brackets too
+            let problems = errors(&"[".repeat(depth));
+            assert!(problems[0].message.contains("nested too deeply"), "{problems:?}");
+        }
+        for depth in [200, 100_000] {
+            let chain = vec!["true"; depth].join(" && ");
+            let problems = errors(&format!(
+                "permit(principal, action, resource);\n\npermit(principal, action, resource) when {{ {chain} }};"
+            ));
+            assert!(problems[0].message.contains("nested too deeply"), "{problems:?}");
+            assert_eq!((problems[0].line, problems[0].column), (3, 1), "{problems:?}");
+            let dots = ".a".repeat(depth);
+            let problems = errors(&format!(
+                "permit(principal, action, resource) when {{ principal{dots} == 1 }};"
+            ));
+            assert!(problems[0].message.contains("nested too deeply"), "{problems:?}");
+        }
+    }
+
+    /// Cedar's typechecker stops (without an error) when its stack runs low; within
+    /// `MAX_NESTING`, a typo at the bottom of a deep expression must still be found.
+    #[test]
+    fn deep_but_allowed_expressions_are_still_typechecked() {
+        let chain = vec!["true"; 110].join(" && ");
         let text = format!(
-            "permit(principal, action, resource) when {{ {}true{} }};",
-            "(".repeat(depth),
-            ")".repeat(depth)
+            "forbid(principal, action == Custos::Action::\"sql:delete\", resource)\nwhen {{ context.has_wher && {chain} }};"
         );
-        let _ = validate(&text);
+        let problems = errors(&text);
+        assert!(problems[0].message.contains("has_wher"), "{problems:?}");
         let text = format!(
-            "permit(principal, action, resource) when {{ {}true }};",
-            "!".repeat(depth)
+            "permit(principal, action, resource) when {{ {}context.nope{} }};",
+            "(".repeat(MAX_NESTING / BRACKET_WEIGHT - 2),
+            ")".repeat(MAX_NESTING / BRACKET_WEIGHT - 2)
         );
-        let _ = validate(&text);
+        let problems = errors(&text);
+        assert!(problems[0].message.contains("nope"), "{problems:?}");
+        // and on a small caller stack too
+        std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(move || {
+                let problems = errors(&text);
+                assert!(problems[0].message.contains("nope"), "{problems:?}");
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    #[test]
+    fn realistic_policies_are_far_from_the_nesting_limit() {
+        let toks = lex(REALISTIC);
+        for policy in toks.split(|(t, _)| *t == Tok::End) {
+            let depth = group_depth(policy, &mut 0, 0).unwrap();
+            assert!(depth < 32, "{depth}");
+        }
+        // a long list of alternatives is a flat chain, not a deep one
+        let alternatives: Vec<String> = (0..100)
+            .map(|i| format!("context.tables.contains(\"t{i}\")"))
+            .collect();
+        let text = format!(
+            "forbid(principal, action in Custos::Action::\"sql:all\", resource) when {{ {} }};",
+            alternatives.join(" || ")
+        );
+        validate(&text).unwrap_or_else(|e| panic!("{e}"));
     }
 
     fn mutate(text: &str, at: usize, len: usize, insert: &str) -> String {

@@ -299,7 +299,7 @@ async fn the_same_event_id_is_stored_once() {
 }
 
 #[tokio::test]
-async fn unacked_and_nacked_events_come_back() {
+async fn unacked_events_come_back_after_the_ack_wait() {
     let server = Server::start();
     let bus = bounded("connect", NatsBus::connect(server.config()))
         .await
@@ -307,32 +307,52 @@ async fn unacked_and_nacked_events_come_back() {
     let ack_wait = Duration::from_secs(1);
     let mut source = bus.source("ingest", ack_wait).await.unwrap();
 
+    let e = event(1);
+    bus.publish(&e).await.unwrap();
+    let got = fetch_n(&mut source, 1).await;
+    let delivered_at = Instant::now();
+    drop(got); // neither ack nor nack
+
+    let soon = source.fetch(10, Duration::from_millis(300)).await.unwrap();
+    assert!(soon.is_empty(), "redelivered before the ack wait");
+    let back = fetch_n(&mut source, 1).await;
+    assert_eq!(decode(&back[0]).id, e.id);
+    let after = delivered_at.elapsed();
+    assert!(after >= ack_wait.mul_f32(0.9) && after < ack_wait * 5, "{after:?}");
+    ack_all(back).await;
+    let none = source.fetch(10, Duration::from_secs(2)).await.unwrap();
+    assert!(none.is_empty(), "redelivered after ack");
+}
+
+#[tokio::test]
+async fn nacked_events_come_back_without_waiting_for_the_ack_wait() {
+    let server = Server::start();
+    let bus = bounded("connect", NatsBus::connect(server.config()))
+        .await
+        .unwrap();
+    // Long ack wait: only the nack can bring an event back during this test.
+    let mut source = bus.source("ingest", Duration::from_secs(60)).await.unwrap();
+
     let (a, b) = (event(1), event(2));
     bus.publish(&a).await.unwrap();
     bus.publish(&b).await.unwrap();
-    let mut got = fetch_n(&mut source, 2).await;
-    got.sort_by_key(|d| decode(d).id);
-    let (first, second) = (got.remove(0), got.remove(0));
-    let nacked_id = decode(&first).id;
-    bounded("nack", first.nack("raft not ready")).await.unwrap();
-    drop(second); // neither ack nor nack: back after the ack wait
+    let got = fetch_n(&mut source, 2).await;
+    let mut held = Vec::new();
+    for d in got {
+        if decode(&d).id == a.id {
+            bounded("nack", d.nack("raft not ready")).await.unwrap();
+        } else {
+            held.push(d); // b: neither ack nor nack
+        }
+    }
+    assert_eq!(held.len(), 1);
 
-    // Not immediately.
-    let soon = source.fetch(10, Duration::from_millis(300)).await.unwrap();
-    assert!(soon.is_empty(), "redelivered before the delay / ack wait");
-
-    let started = Instant::now();
-    let back = fetch_n(&mut source, 2).await;
-    let mut ids: Vec<_> = back.iter().map(|d| decode(d).id).collect();
-    ids.sort();
-    let mut want = vec![a.id.clone(), b.id.clone()];
-    want.sort();
-    assert_eq!(ids, want);
-    assert!(ids.contains(&nacked_id));
-    assert!(started.elapsed() < ack_wait * 5, "{:?}", started.elapsed());
+    let back = fetch_n(&mut source, 1).await;
+    assert_eq!(decode(&back[0]).id, a.id, "the nacked event comes back");
     ack_all(back).await;
-    let none = source.fetch(10, Duration::from_secs(2)).await.unwrap();
-    assert!(none.is_empty());
+    let none = source.fetch(10, Duration::from_secs(1)).await.unwrap();
+    assert!(none.is_empty(), "only the nacked event comes back before the ack wait");
+    ack_all(held).await;
 }
 
 #[tokio::test]
@@ -352,6 +372,7 @@ async fn an_unreachable_server_is_unavailable_promptly() {
     assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
     assert!(matches!(err, BusError::Unavailable { .. }), "{err:?}");
     let msg = err.to_string();
+    eprintln!("{msg}");
     assert!(msg.contains(&format!("nats://127.0.0.1:{port}")), "{msg}");
     assert!(msg.contains("nats-server") && msg.contains("CUSTOS_NATS_URL"), "{msg}");
     assert!(!msg.contains("s3cret") && !msg.contains("alice"), "{msg}");
@@ -364,6 +385,7 @@ async fn a_server_without_jetstream_is_named() {
         .await
         .unwrap_err();
     assert!(matches!(err, BusError::Unavailable { .. }), "{err:?}");
+    eprintln!("{err}");
     assert!(err.to_string().contains("-js"), "{err}");
 }
 
@@ -387,6 +409,7 @@ async fn publish_fails_in_bounded_time_when_the_server_dies_and_recovers_after()
         matches!(err, BusError::Timeout { .. } | BusError::Unavailable { .. }),
         "{err:?}"
     );
+    eprintln!("{err}");
     assert!(err.is_transient());
     assert!(started.elapsed() < Duration::from_millis(3500));
 
