@@ -10,13 +10,17 @@
 //! - [`bus`]: the one event-bus trait and its in-process and NATS JetStream implementations.
 //! - [`audit`]: the canonical record's hash chain and its OCSF-shaped JSON form for SIEMs.
 //! - [`policy`]: the Cedar schema and policy validation.
+//! - [`classify`]: SQL classification with the PostgreSQL parser (statement kind, tables, functions).
+//! - [`mask`]: the masking engine (column rules, content detectors, strategies).
 //! - [`token`]: custos-issued tokens (only their hashes are stored).
 //! - [`secrets`]: AEAD encryption of connection credentials at rest.
 #![forbid(unsafe_code)]
 
 pub mod audit;
 pub mod bus;
+pub mod classify;
 pub mod events;
+pub mod mask;
 pub mod policy;
 pub mod secrets;
 pub mod token;

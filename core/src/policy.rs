@@ -496,10 +496,12 @@ fn validate_on_this_thread(text: &str) -> Result<ValidatedPolicies, PolicyErrors
 
     let result = validator().validate(&set, ValidationMode::Strict);
     let mut failed: Vec<&PolicyId> = Vec::new();
+    let mut errors = Vec::new();
     for e in result.validation_errors() {
         failed.push(e.policy_id());
-        problems.push(problem_from(text, &DetailedError::from(e)));
+        errors.push(problem_from(text, &DetailedError::from(e)));
     }
+    problems.extend(merge_per_action(errors));
     let mut warnings = Vec::new();
     // One "can never apply" problem per policy, and none for a policy that already has an error
     // (an unknown action or type also makes the policy impossible).
@@ -558,9 +560,67 @@ fn describe_policy(text: &str, index: usize, offset: Option<usize>) -> String {
 
 /// Sort by position and drop exact duplicates (Cedar may report the same thing twice).
 fn finish(mut problems: Vec<PolicyProblem>) -> Vec<PolicyProblem> {
-    problems.sort_by(|a, b| (a.line, a.column).cmp(&(b.line, b.column)));
+    problems.sort_by(|a, b| (a.line, a.column, &a.message).cmp(&(b.line, b.column, &b.message)));
     problems.dedup();
     problems
+}
+
+const ACTION_MARK: &str = " for Custos::Action::\"";
+
+/// Cedar typechecks a policy once per action it may apply to and reports an error for each
+/// (e.g. `context.tables` in a policy whose `action` is unconstrained fails for every non-SQL
+/// action). Fold such errors at one place into one problem that lists the actions.
+fn merge_per_action(problems: Vec<PolicyProblem>) -> Vec<PolicyProblem> {
+    // (line, column, message without the action and help) -> (first problem, actions)
+    let mut groups: Vec<((usize, usize, String), PolicyProblem, Vec<String>)> = Vec::new();
+    for problem in problems {
+        let Some((key, action)) = split_action(&problem.message) else {
+            groups.push((
+                (problem.line, problem.column, problem.message.clone()),
+                problem,
+                Vec::new(),
+            ));
+            continue;
+        };
+        let key = (problem.line, problem.column, key);
+        match groups.iter_mut().find(|(k, _, actions)| *k == key && !actions.is_empty()) {
+            Some((_, _, actions)) => actions.push(action),
+            None => groups.push((key, problem, vec![action])),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|((line, column, key), problem, mut actions)| {
+            if actions.len() < 2 {
+                return problem;
+            }
+            actions.sort();
+            actions.dedup();
+            let shown = actions.iter().take(6).cloned().collect::<Vec<_>>().join(", ");
+            let more = if actions.len() > 6 { ", ..." } else { "" };
+            PolicyProblem {
+                line,
+                column,
+                message: format!(
+                    "{key} for {} actions ({shown}{more}) (help: a condition that reads a context attribute must restrict `action` to actions whose context has it, e.g. `action in Custos::Action::\"sql:all\"`)",
+                    actions.len()
+                ),
+            }
+        })
+        .collect()
+}
+
+/// `... for Custos::Action::"k8s:get" not found (help: ...)` -> (`... not found`, `k8s:get`).
+fn split_action(message: &str) -> Option<(String, String)> {
+    let start = message.find(ACTION_MARK)?;
+    let rest = &message[start + ACTION_MARK.len()..];
+    let end = rest.find('"')?;
+    let action = rest[..end].to_string();
+    let mut key = format!("{}{}", &message[..start], &rest[end + 1..]);
+    if let Some(help) = key.find(" (help: ") {
+        key.truncate(help);
+    }
+    Some((key, action))
 }
 
 fn problem_from(text: &str, e: &DetailedError) -> PolicyProblem {
@@ -1059,6 +1119,13 @@ when { context.tool == "delete_repo" || context.arguments like "*\"force\": true
         assert_eq!((problems[0].line, problems[0].column), (2, 31), "{problems:?}");
         assert!(problems[0].message.contains("sql:selct"), "{problems:?}");
         assert!(problems[0].message.contains("sql:select"), "{problems:?}");
+        // the un-namespaced form is a typo too
+        let problems = errors("permit(principal, action == Action::\"sql:select\", resource);");
+        assert_eq!((problems[0].line, problems[0].column), (1, 29), "{problems:?}");
+        assert!(
+            problems[0].message.contains("Custos::Action::\"sql:select\""),
+            "{problems:?}"
+        );
     }
 
     #[test]
@@ -1084,6 +1151,16 @@ when { context.tool == "delete_repo" || context.arguments like "*\"force\": true
             "forbid(principal, action == Custos::Action::\"k8s:get\", resource)\nwhen { context.has_where };",
         );
         assert_eq!(problems[0].line, 2, "{problems:?}");
+        // a SQL attribute in a policy that applies to every action: one problem, not one per
+        // non-SQL action
+        let problems = errors(
+            "forbid(principal, action, resource)\nwhen { context.tables.contains(\"users\") };",
+        );
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!((problems[0].line, problems[0].column), (2, 8), "{problems:?}");
+        let m = &problems[0].message;
+        assert!(m.contains("`tables`") && m.contains("for 24 actions"), "{m}");
+        assert!(m.contains("sql:all"), "{m}");
         // an optional attribute without `has`
         let problems = errors(
             "permit(principal, action, resource)\nwhen { resource.environment == \"production\" };",

@@ -208,7 +208,7 @@ impl NatsBus {
         };
         let options = async_nats::ConnectOptions::new()
             .name("custos")
-            .connection_timeout(connect_timeout).retry_on_initial_connect()
+            .connection_timeout(connect_timeout)
             .request_timeout(Some(cfg.publish_timeout()));
         // `connection_timeout` bounds each TCP/TLS/handshake attempt; the outer bound also covers
         // name resolution and several servers.
