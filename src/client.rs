@@ -47,8 +47,12 @@ impl Client {
             .with_context(|| format!("--server {server:?} is not a valid address"))?
             .connect_timeout(std::time::Duration::from_secs(3));
         if let Some(ca) = &g.ca {
-            let pem = std::fs::read(ca).with_context(|| format!("cannot read CA file {}", ca.display()))?;
-            ep = ep.tls_config(tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(pem)))?;
+            let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("cannot read TLS file {}", p.display()));
+            let mut tls = tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?));
+            if let (Some(cert), Some(key)) = (&g.cert, &g.key) {
+                tls = tls.identity(tonic::transport::Identity::from_pem(read(cert)?, read(key)?));
+            }
+            ep = ep.tls_config(tls)?;
         }
         let ch = ep.connect_lazy();
         let max = 256 * 1024 * 1024;

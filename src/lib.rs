@@ -37,6 +37,12 @@ pub struct Global {
     /// CA bundle to verify the control plane's TLS certificate (enables TLS).
     #[arg(long, global = true, env = "CUSTOS_CA")]
     pub ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long, global = true, env = "CUSTOS_CERT", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Client private key (PEM) for mutual TLS.
+    #[arg(long, global = true, env = "CUSTOS_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]

@@ -330,3 +330,171 @@ async fn custos_dev_runs_the_embedded_default() -> Result<()> {
     assert!(status.success(), "{status:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edges_follow_configuration_and_keep_it_when_the_control_plane_goes_away() -> Result<()> {
+    use custos_edge::watch::{run, EdgeConfig, WatchOptions};
+    use std::sync::Arc;
+    let root = tempfile::tempdir()?;
+    let mut nodes = cluster(root.path(), &[1], &[1], &ClusterOpts { nats_url: None, snapshot_every: 5000, keep_logs: 1000 })?;
+    nodes[0].spawn()?;
+    let server = nodes[0].server();
+    eventually(Duration::from_secs(20), "leader", || async { leader(&[&nodes[0]]).await.is_some() }).await?;
+    let (code, out, err) = cli(&server, &["connection", "put", "prod-pg", "--kind", "postgres", "--address", "127.0.0.1:5432", "-s", "password=hunter2"]);
+    assert_eq!(code, 0, "{out}{err}");
+
+    // A client token without the edge role may not follow configuration.
+    let plain = client(&server).await.issue_token("alice".into(), vec![], 600, vec![]).await?;
+    let edge = client(&server).await.issue_token("edge-1".into(), vec![], 600, vec!["edge".into()]).await?;
+
+    let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(EdgeConfig::default()));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let opts = WatchOptions { edge_id: "edge-1".into(), servers: vec![nodes[0].addr()], token: edge.token.clone(), max_backoff: Duration::from_millis(500) };
+    let task = tokio::spawn(run(opts, tx, stop_rx));
+    tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|c| c.synced)).await??;
+    {
+        let c = rx.borrow().clone();
+        let conn = &c.connections["prod-pg"];
+        assert_eq!(conn.secrets.get("password").map(String::as_str), Some("hunter2"), "edges receive opened credentials");
+        assert!(c.tokens.contains_key(&plain.token_id));
+    }
+    // Changes stream in.
+    let policy = root.path().join("p.cedar");
+    std::fs::write(&policy, "permit(principal, action == Custos::Action::\"sql:select\", resource);\n")?;
+    assert_eq!(cli(&server, &["policy", "apply", policy.to_str().unwrap()]).0, 0);
+    tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|c| c.policy.as_ref().map(|p| p.version) == Some(1))).await??;
+    assert_eq!(cli(&server, &["connection", "delete", "prod-pg"]).0, 0);
+    tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|c| !c.connections.contains_key("prod-pg"))).await??;
+    let rev = rx.borrow().revision;
+
+    // The control plane dies: the edge keeps the last configuration.
+    nodes[0].kill();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let c = rx.borrow().clone();
+    assert!(c.synced && c.revision == rev && c.policy.is_some());
+    // …and resynchronizes when it returns.
+    nodes[0].spawn()?;
+    eventually(Duration::from_secs(20), "leader again", || async { leader(&[&nodes[0]]).await.is_some() }).await?;
+    assert_eq!(cli(&server, &["connection", "put", "other", "--kind", "mysql", "--address", "127.0.0.1:3306"]).0, 0);
+    tokio::time::timeout(Duration::from_secs(20), rx.wait_for(|c| c.connections.contains_key("other"))).await??;
+    let _ = stop_tx.send(true);
+    task.await?;
+
+    // The plain token is refused by EdgeSync.
+    let (tx2, rx2) = tokio::sync::watch::channel(Arc::new(EdgeConfig::default()));
+    let (_stop2, stop_rx2) = tokio::sync::watch::channel(false);
+    let opts = WatchOptions { edge_id: "x".into(), servers: vec![nodes[0].addr()], token: plain.token, max_backoff: Duration::from_millis(200) };
+    let t2 = tokio::spawn(run(opts, tx2, stop_rx2));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!rx2.borrow().synced, "a token without the edge role must not receive configuration");
+    t2.abort();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_records_are_republished_as_ocsf_json_for_siems() -> Result<()> {
+    use futures::StreamExt;
+    let nats = Nats::start()?;
+    let root = tempfile::tempdir()?;
+    let mut nodes = cluster(root.path(), &[1], &[1], &ClusterOpts { nats_url: Some(nats.url()), snapshot_every: 5000, keep_logs: 1000 })?;
+    nodes[0].spawn()?;
+    let bus = NatsBus::connect(NatsConfig { url: nats.url(), ..Default::default() }).await?;
+    let origin = Origin { edge_id: "e".into(), identity: "carol".into(), connection: "prod.pg".into(), ..Default::default() };
+    for _ in 0..25 {
+        bus.publish(&origin.event(Payload::SessionStarted(SessionStarted { protocol: "postgres".into(), ..Default::default() }))).await?;
+    }
+    let js = bus.jetstream().clone();
+    let mut stream = None;
+    for _ in 0..100 {
+        if let Ok(s) = js.get_stream("CUSTOS_AUDIT").await {
+            stream = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stream = stream.expect("CUSTOS_AUDIT stream created by the leader");
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config { durable_name: Some("siem".into()), ..Default::default() })
+        .await?;
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while seen.len() < 25 && std::time::Instant::now() < deadline {
+        let mut batch = consumer.fetch().max_messages(100).expires(Duration::from_millis(500)).messages().await?;
+        while let Some(m) = batch.next().await {
+            let m = m.map_err(|e| anyhow::anyhow!("{e}"))?;
+            assert_eq!(m.subject.as_str(), "custos.audit.session_started.prod_pg");
+            let seq_header = m.headers.as_ref().and_then(|h| h.get("Custos-Seq")).map(|v| v.as_str().to_string());
+            let j: serde_json::Value = serde_json::from_slice(&m.payload)?;
+            assert_eq!(j["class_uid"], 3002);
+            assert_eq!(j["actor"]["user"]["name"], "carol");
+            assert_eq!(Some(j["metadata"]["sequence"].to_string()), seq_header);
+            seen.push(j["metadata"]["sequence"].as_u64().unwrap());
+            m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+    }
+    assert_eq!(seen, (1..=25).collect::<Vec<u64>>(), "every record once, in order");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_between_nodes_and_clients() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let pki = root.path().join("pki");
+    std::fs::create_dir_all(&pki)?;
+    make_pki(&pki, &["node", "cli"])?;
+    let mut nodes = cluster(root.path(), &[1, 2, 3], &[1, 2, 3], &ClusterOpts { nats_url: None, snapshot_every: 5000, keep_logs: 1000 })?;
+    for n in nodes.iter_mut() {
+        let mut text = std::fs::read_to_string(&n.config)?;
+        text.push_str(&format!(
+            "\n[tls]\ncert = \"{0}/node.pem\"\nkey = \"{0}/node.key\"\nca = \"{0}/ca.pem\"\n",
+            pki.display()
+        ));
+        std::fs::write(&n.config, text)?;
+        n.spawn()?;
+    }
+    let tls_cli = |port: u16, with_cert: bool, args: &[&str]| {
+        let mut cmd = Command::new(custos_bin());
+        cmd.args(["--server", &format!("https://127.0.0.1:{port}"), "--ca"]).arg(pki.join("ca.pem"));
+        if with_cert {
+            cmd.arg("--cert").arg(pki.join("cli.pem")).arg("--key").arg(pki.join("cli.key"));
+        }
+        let out = cmd.args(args).env("CUSTOS_TOKEN", ADMIN_TOKEN).output().unwrap();
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    // Raft runs over mutual TLS: a leader is elected and a write through a follower commits.
+    let mut elected = false;
+    for _ in 0..100 {
+        let (code, out, _) = tls_cli(nodes[1].port, true, &["cluster", "status"]);
+        if code == 0 && !out.contains("leader none") {
+            elected = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(elected, "no leader over mTLS: {}", nodes[0].log());
+    let (code, out, err) = tls_cli(nodes[2].port, true, &["token", "issue", "bob", "--ttl", "10m"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = tls_cli(nodes[0].port, true, &["audit", "search", "--kind", "token_issued"]);
+    assert_eq!(code, 0, "{out}{err}");
+    // Without a client certificate, and in plain text, the node refuses.
+    let (code, _, _) = tls_cli(nodes[0].port, false, &["cluster", "status"]);
+    assert_ne!(code, 0);
+    let (code, _, _) = cli(&nodes[0].server(), &["cluster", "status"]);
+    assert_ne!(code, 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_without_a_majority_fail_with_a_clear_error() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    // Three initial members, only one started: no leader can be elected.
+    let mut nodes = cluster(root.path(), &[1, 2, 3], &[1, 2, 3], &ClusterOpts { nats_url: None, snapshot_every: 5000, keep_logs: 1000 })?;
+    nodes[0].spawn()?;
+    let (code, out, err) = cli(&nodes[0].server(), &["token", "issue", "bob"]);
+    assert_ne!(code, 0, "{out}");
+    assert!(err.contains("no control-plane leader") && err.contains("custos cluster status"), "{err}");
+    let (code, out, _) = cli(&nodes[0].server(), &["cluster", "status"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("leader none"), "{out}");
+    Ok(())
+}

@@ -195,7 +195,7 @@ pub fn cli(server: &str, args: &[&str]) -> (i32, String, String) {
 
 /// An authenticated gRPC client for tests.
 pub async fn client(server: &str) -> custos_cli::Client {
-    let g = custos_cli::Global { server: server.to_string(), token: Some(ADMIN_TOKEN.into()), token_file: None, ca: None };
+    let g = custos_cli::Global { server: server.to_string(), token: Some(ADMIN_TOKEN.into()), token_file: None, ca: None, cert: None, key: None };
     custos_cli::Client::connect(&g).await.unwrap()
 }
 
@@ -209,4 +209,22 @@ pub async fn leader(nodes: &[&NodeProc]) -> Option<u64> {
         }
     }
     None
+}
+
+/// A throwaway CA and one certificate (SAN 127.0.0.1, localhost) per name, made with openssl.
+pub fn make_pki(dir: &Path, names: &[&str]) -> Result<()> {
+    let run = |args: &[&str]| -> Result<()> {
+        let st = Command::new("openssl").args(args).current_dir(dir).stdout(Stdio::null()).stderr(Stdio::null()).status()?;
+        if !st.success() {
+            bail!("openssl {args:?} failed");
+        }
+        Ok(())
+    };
+    run(&["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=custos-test-ca"])?;
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n")?;
+    for n in names {
+        run(&["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", &format!("{n}.key"), "-out", &format!("{n}.csr"), "-subj", &format!("/CN={n}")])?;
+        run(&["x509", "-req", "-in", &format!("{n}.csr"), "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", &format!("{n}.pem"), "-days", "2", "-extfile", "san.ext"])?;
+    }
+    Ok(())
 }
