@@ -12,7 +12,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .type_attribute(".custos.v1", "#[derive(serde::Serialize)]")
         .type_attribute(".custos.v1", "#[serde(rename_all = \"snake_case\")]")
         .compile_protos(
-            &["proto/custos/v1/events.proto", "proto/custos/v1/controlplane.proto"],
+            &[
+                "proto/custos/v1/events.proto",
+                "proto/custos/v1/controlplane.proto",
+            ],
             &["proto"],
         )?;
     println!("cargo:rerun-if-changed=proto");

@@ -26,14 +26,17 @@ pub fn dev_config(args: &DevArgs) -> ControlPlaneConfig {
     cfg.node.data_dir = args.data_dir.clone();
     cfg.bus.kind = BusKind::Inproc;
     cfg.siem.enabled = false;
-    cfg.cluster.initial_members.insert("1".into(), args.listen.clone());
+    cfg.cluster
+        .initial_members
+        .insert("1".into(), args.listen.clone());
     cfg
 }
 
 async fn wait_for_signal() {
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -55,7 +58,11 @@ pub async fn run(args: DevArgs) -> Result<()> {
     println!("  admin token    {}", token_file.display());
     println!();
     println!("try:");
-    println!("  export CUSTOS_SERVER=http://{} CUSTOS_TOKEN=$(cat {})", node.addr(), token_file.display());
+    println!(
+        "  export CUSTOS_SERVER=http://{} CUSTOS_TOKEN=$(cat {})",
+        node.addr(),
+        token_file.display()
+    );
     println!("  custos policy apply deploy/examples/policies/agents.cedar");
     println!("  custos token issue agent:reporter --group agents --ttl 8h");
     println!("  custos audit tail --follow");
@@ -70,13 +77,21 @@ pub async fn run(args: DevArgs) -> Result<()> {
 pub async fn run_node(cfg: ControlPlaneConfig) -> Result<()> {
     let input = match cfg.bus.kind {
         BusKind::Nats => EventInput::Nats(
-            NatsBus::connect(cfg.bus.nats.clone()).await.context("the control plane ingests events from NATS ([bus] kind = \"nats\")")?,
+            NatsBus::connect(cfg.bus.nats.clone())
+                .await
+                .context("the control plane ingests events from NATS ([bus] kind = \"nats\")")?,
         ),
         BusKind::None => EventInput::None,
-        BusKind::Inproc => bail!("[bus] kind = \"inproc\" works only inside `custos dev`; use \"nats\" or \"none\""),
+        BusKind::Inproc => bail!(
+            "[bus] kind = \"inproc\" works only inside `custos dev`; use \"nats\" or \"none\""
+        ),
     };
     let node = ControlPlane::start(cfg, input).await?;
-    eprintln!("custos control-plane node {} listening on {}", node.id(), node.addr());
+    eprintln!(
+        "custos control-plane node {} listening on {}",
+        node.id(),
+        node.addr()
+    );
     wait_for_signal().await;
     node.shutdown().await;
     Ok(())

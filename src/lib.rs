@@ -15,7 +15,11 @@ use clap::{Args, Parser, Subcommand};
 pub use client::Client;
 
 #[derive(Parser, Debug)]
-#[command(name = "custos", version, about = "An access gateway between AI agents (and people) and production systems.")]
+#[command(
+    name = "custos",
+    version,
+    about = "An access gateway between AI agents (and people) and production systems."
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
@@ -26,7 +30,12 @@ pub struct Cli {
 #[derive(Args, Debug, Clone)]
 pub struct Global {
     /// Control-plane gRPC address (any node of the cluster).
-    #[arg(long, global = true, env = "CUSTOS_SERVER", default_value = "http://127.0.0.1:7400")]
+    #[arg(
+        long,
+        global = true,
+        env = "CUSTOS_SERVER",
+        default_value = "http://127.0.0.1:7400"
+    )]
     pub server: String,
     /// Bearer token (admin token for administration).
     #[arg(long, global = true, env = "CUSTOS_TOKEN", hide_env_values = true)]
@@ -108,9 +117,13 @@ pub enum ConnectionCmd {
         #[arg(long = "secret", short = 's')]
         secrets: Vec<String>,
     },
-    Get { name: String },
+    Get {
+        name: String,
+    },
     List,
-    Delete { name: String },
+    Delete {
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -128,7 +141,9 @@ pub enum TokenCmd {
         #[arg(long = "role")]
         roles: Vec<String>,
     },
-    Revoke { token_id: String },
+    Revoke {
+        token_id: String,
+    },
 }
 
 #[derive(Args, Debug, Clone, Default)]
@@ -200,7 +215,9 @@ fn pairs(items: &[String], what: &str) -> Result<Vec<(String, String)>> {
     items
         .iter()
         .map(|s| {
-            let (k, v) = s.split_once('=').with_context(|| format!("{what} {s:?} must be KEY=VALUE"))?;
+            let (k, v) = s
+                .split_once('=')
+                .with_context(|| format!("{what} {s:?} must be KEY=VALUE"))?;
             Ok((k.to_string(), v.to_string()))
         })
         .collect()
@@ -208,10 +225,14 @@ fn pairs(items: &[String], what: &str) -> Result<Vec<(String, String)>> {
 
 fn secret_value(v: &str) -> Result<String> {
     if let Some(path) = v.strip_prefix('@') {
-        return Ok(std::fs::read_to_string(path).with_context(|| format!("cannot read secret file {path}"))?.trim_end().to_string());
+        return Ok(std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read secret file {path}"))?
+            .trim_end()
+            .to_string());
     }
     if let Some(var) = v.strip_prefix("env:") {
-        return std::env::var(var).with_context(|| format!("environment variable {var} is not set"));
+        return std::env::var(var)
+            .with_context(|| format!("environment variable {var} is not set"));
     }
     Ok(v.to_string())
 }
@@ -221,8 +242,9 @@ pub fn parse_time(s: &str) -> Result<i64> {
     if let Ok(d) = humantime::parse_duration(s) {
         return Ok(custos_core::events::now_unix_nano() - d.as_nanos() as i64);
     }
-    let t = chrono::DateTime::parse_from_rfc3339(s)
-        .with_context(|| format!("time {s:?} is neither a duration (1h, 30m) nor RFC 3339 (2026-11-26T18:00:00Z)"))?;
+    let t = chrono::DateTime::parse_from_rfc3339(s).with_context(|| {
+        format!("time {s:?} is neither a duration (1h, 30m) nor RFC 3339 (2026-11-26T18:00:00Z)")
+    })?;
     Ok(t.timestamp_nanos_opt().unwrap_or(0))
 }
 
@@ -236,7 +258,8 @@ pub async fn run(cli: Cli) -> Result<i32> {
             dev::run_node(cfg).await.map(|_| 0)
         }
         Command::Policy(PolicyCmd::Validate { file }) => {
-            let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
             match custos_core::policy::validate(&text) {
                 Ok(v) => {
                     println!("{}: ok, {} policies", file.display(), v.count);
@@ -253,8 +276,13 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Policy(cmd) => {
             let mut c = Client::connect(&g).await?;
             match cmd {
-                PolicyCmd::Apply { file, message, expect_version } => {
-                    let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+                PolicyCmd::Apply {
+                    file,
+                    message,
+                    expect_version,
+                } => {
+                    let text = std::fs::read_to_string(&file)
+                        .with_context(|| format!("cannot read {}", file.display()))?;
                     let p = c.apply_policy(text, message, expect_version).await?;
                     println!("applied policy version {} (sha256 {})", p.version, p.sha256);
                 }
@@ -263,7 +291,10 @@ pub async fn run(cli: Cli) -> Result<i32> {
                     if p.version == 0 {
                         eprintln!("no policy applied yet: everything is denied");
                     } else {
-                        eprintln!("# version {} by {} ({})", p.version, p.author, p.description);
+                        eprintln!(
+                            "# version {} by {} ({})",
+                            p.version, p.author, p.description
+                        );
                         print!("{}", p.text);
                     }
                 }
@@ -274,16 +305,33 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Connection(cmd) => {
             let mut c = Client::connect(&g).await?;
             match cmd {
-                ConnectionCmd::Put { name, kind, address, options, secrets } => {
+                ConnectionCmd::Put {
+                    name,
+                    kind,
+                    address,
+                    options,
+                    secrets,
+                } => {
                     let options = pairs(&options, "option")?.into_iter().collect();
                     let secrets = pairs(&secrets, "secret")?
                         .into_iter()
                         .map(|(k, v)| Ok((k, secret_value(&v)?)))
                         .collect::<Result<_>>()?;
-                    let conn = c.put_connection(custos_proto::v1::Connection { name, kind, address, options, secrets, revision: 0 }).await?;
+                    let conn = c
+                        .put_connection(custos_proto::v1::Connection {
+                            name,
+                            kind,
+                            address,
+                            options,
+                            secrets,
+                            revision: 0,
+                        })
+                        .await?;
                     println!("{}", render::connection(&conn));
                 }
-                ConnectionCmd::Get { name } => println!("{}", render::connection(&c.get_connection(name).await?)),
+                ConnectionCmd::Get { name } => {
+                    println!("{}", render::connection(&c.get_connection(name).await?))
+                }
                 ConnectionCmd::List => {
                     for conn in c.list_connections().await? {
                         println!("{}", render::connection(&conn));
@@ -299,10 +347,20 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Token(cmd) => {
             let mut c = Client::connect(&g).await?;
             match cmd {
-                TokenCmd::Issue { subject, groups, ttl, roles } => {
-                    let ttl = humantime::parse_duration(&ttl).with_context(|| format!("--ttl {ttl:?}: use e.g. 30m, 1h, 7d"))?;
+                TokenCmd::Issue {
+                    subject,
+                    groups,
+                    ttl,
+                    roles,
+                } => {
+                    let ttl = humantime::parse_duration(&ttl)
+                        .with_context(|| format!("--ttl {ttl:?}: use e.g. 30m, 1h, 7d"))?;
                     let t = c.issue_token(subject, groups, ttl.as_secs(), roles).await?;
-                    eprintln!("token {} expires {}", t.token_id, render::time(t.expires_unix_nano));
+                    eprintln!(
+                        "token {} expires {}",
+                        t.token_id,
+                        render::time(t.expires_unix_nano)
+                    );
                     println!("{}", t.token);
                 }
                 TokenCmd::Revoke { token_id } => {
@@ -316,13 +374,34 @@ pub async fn run(cli: Cli) -> Result<i32> {
             let mut c = Client::connect(&g).await?;
             match cmd {
                 AuditCmd::Tail { last, follow, json } => {
-                    c.tail(last, follow, |r| println!("{}", if json { render::json(r) } else { render::record(r) })).await?;
+                    c.tail(last, follow, |r| {
+                        println!(
+                            "{}",
+                            if json {
+                                render::json(r)
+                            } else {
+                                render::record(r)
+                            }
+                        )
+                    })
+                    .await?;
                     Ok(0)
                 }
-                AuditCmd::Search { filter, limit, json } => {
+                AuditCmd::Search {
+                    filter,
+                    limit,
+                    json,
+                } => {
                     let recs = c.search(&filter, limit).await?;
                     for r in &recs {
-                        println!("{}", if json { render::json(r) } else { render::record(r) });
+                        println!(
+                            "{}",
+                            if json {
+                                render::json(r)
+                            } else {
+                                render::record(r)
+                            }
+                        );
                     }
                     if !json {
                         eprintln!("{} records", recs.len());

@@ -5,7 +5,8 @@ fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CUSTOS_LOG").unwrap_or_else(|_| "warn,custos=info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("CUSTOS_LOG")
+                .unwrap_or_else(|_| "warn,custos=info".into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -4,25 +4,55 @@ use custos_proto::v1::{self as pb, event::Payload, Event};
 use prost::Message;
 
 pub fn time(ns: i64) -> String {
-    chrono::DateTime::from_timestamp_nanos(ns).format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+    chrono::DateTime::from_timestamp_nanos(ns)
+        .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+        .to_string()
 }
 
 fn summary(e: &Event) -> String {
     match &e.payload {
-        Some(Payload::SessionStarted(s)) => format!("{} session from {}", s.protocol, s.client_addr),
-        Some(Payload::SessionEnded(s)) => format!("ended: {} after {} ms, {} commands", s.reason, s.duration_ms, s.commands),
+        Some(Payload::SessionStarted(s)) => {
+            format!("{} session from {}", s.protocol, s.client_addr)
+        }
+        Some(Payload::SessionEnded(s)) => format!(
+            "ended: {} after {} ms, {} commands",
+            s.reason, s.duration_ms, s.commands
+        ),
         Some(Payload::CommandReceived(c)) => {
             let verdict = custos_core::audit::event_verdict(e).unwrap_or("");
-            let action = c.classifications.first().map(|k| k.action.as_str()).unwrap_or("");
+            let action = c
+                .classifications
+                .first()
+                .map(|k| k.action.as_str())
+                .unwrap_or("");
             format!("{verdict} {action} {:?}", c.text)
         }
         Some(Payload::CommandCompleted(c)) => {
-            format!("done in {} us, {} rows, {} masked{}", c.duration_us, c.rows, c.masked_values, if c.error.is_empty() { String::new() } else { format!(", error {}", c.error) })
+            format!(
+                "done in {} us, {} rows, {} masked{}",
+                c.duration_us,
+                c.rows,
+                c.masked_values,
+                if c.error.is_empty() {
+                    String::new()
+                } else {
+                    format!(", error {}", c.error)
+                }
+            )
         }
-        Some(Payload::ApprovalRequested(a)) => format!("approval {} requested for {:?}", a.approval_id, a.text),
-        Some(Payload::ApprovalDecided(a)) => format!("approval {} {} by {}", a.approval_id, a.state, a.approver),
-        Some(Payload::PolicyApplied(p)) => format!("policy version {} applied ({} policies)", p.version, p.policies),
-        Some(Payload::ConnectionChanged(c)) => format!("connection {} ({} {})", c.change, c.kind, c.address),
+        Some(Payload::ApprovalRequested(a)) => {
+            format!("approval {} requested for {:?}", a.approval_id, a.text)
+        }
+        Some(Payload::ApprovalDecided(a)) => {
+            format!("approval {} {} by {}", a.approval_id, a.state, a.approver)
+        }
+        Some(Payload::PolicyApplied(p)) => format!(
+            "policy version {} applied ({} policies)",
+            p.version, p.policies
+        ),
+        Some(Payload::ConnectionChanged(c)) => {
+            format!("connection {} ({} {})", c.change, c.kind, c.address)
+        }
         Some(Payload::TokenIssued(t)) => format!("token {} issued to {}", t.token_id, t.subject),
         None => "(no payload)".into(),
     }
@@ -49,7 +79,14 @@ pub fn json(r: &pb::AuditRecord) -> String {
 pub fn connection(c: &pb::Connection) -> String {
     let mut opts: Vec<_> = c.options.iter().map(|(k, v)| format!("{k}={v}")).collect();
     opts.sort();
-    format!("{}\t{}\t{}\trev {}\t{}", c.name, c.kind, c.address, c.revision, opts.join(" "))
+    format!(
+        "{}\t{}\t{}\trev {}\t{}",
+        c.name,
+        c.kind,
+        c.address,
+        c.revision,
+        opts.join(" ")
+    )
 }
 
 pub fn status(s: &pb::ClusterStatus) -> String {

@@ -61,16 +61,29 @@ async fn ids_on(server: &str) -> Result<(HashMap<String, u32>, u64)> {
 async fn no_event_lost_or_duplicated_when_the_leader_is_killed() -> Result<()> {
     let nats = Nats::start()?;
     let root = tempfile::tempdir()?;
-    let opts = ClusterOpts { nats_url: Some(nats.url()), snapshot_every: 2000, keep_logs: 500 };
+    let opts = ClusterOpts {
+        nats_url: Some(nats.url()),
+        snapshot_every: 2000,
+        keep_logs: 500,
+    };
     let mut nodes = cluster(root.path(), &[1, 2, 3], &[1, 2, 3], &opts)?;
     for n in nodes.iter_mut() {
         n.spawn()?;
     }
     let refs: Vec<&NodeProc> = nodes.iter().collect();
-    eventually(Duration::from_secs(30), "a leader", || async { leader(&refs).await.is_some() }).await?;
+    eventually(Duration::from_secs(30), "a leader", || async {
+        leader(&refs).await.is_some()
+    })
+    .await?;
     let first_leader = leader(&refs).await.unwrap();
 
-    let bus = Arc::new(NatsBus::connect(NatsConfig { url: nats.url(), ..Default::default() }).await?);
+    let bus = Arc::new(
+        NatsBus::connect(NatsConfig {
+            url: nats.url(),
+            ..Default::default()
+        })
+        .await?,
+    );
     let published = Arc::new(AtomicU64::new(0));
     let mut ids = Vec::with_capacity(EVENTS as usize);
     let events: Vec<Event> = (0..EVENTS).map(command_event).collect();
@@ -78,7 +91,10 @@ async fn no_event_lost_or_duplicated_when_the_leader_is_killed() -> Result<()> {
         ids.push(e.id.clone());
     }
     // Publish from 8 concurrent publishers.
-    let chunks: Vec<Vec<Event>> = events.chunks((EVENTS / 8) as usize).map(|c| c.to_vec()).collect();
+    let chunks: Vec<Vec<Event>> = events
+        .chunks((EVENTS / 8) as usize)
+        .map(|c| c.to_vec())
+        .collect();
     let mut tasks = Vec::new();
     for chunk in chunks {
         let bus = bus.clone();
@@ -116,15 +132,19 @@ async fn no_event_lost_or_duplicated_when_the_leader_is_killed() -> Result<()> {
     let want: u64 = EVENTS;
     for n in &nodes {
         let server = n.server();
-        eventually(Duration::from_secs(120), &format!("node {} to hold all events", n.id), || {
-            let server = server.clone();
-            async move {
-                match ids_on(&server).await {
-                    Ok((counts, _)) => counts.len() as u64 >= want,
-                    Err(_) => false,
+        eventually(
+            Duration::from_secs(120),
+            &format!("node {} to hold all events", n.id),
+            || {
+                let server = server.clone();
+                async move {
+                    match ids_on(&server).await {
+                        Ok((counts, _)) => counts.len() as u64 >= want,
+                        Err(_) => false,
+                    }
                 }
-            }
-        })
+            },
+        )
         .await?;
         let (counts, head) = ids_on(&server).await?;
         let missing = ids.iter().filter(|id| !counts.contains_key(*id)).count();
@@ -143,9 +163,19 @@ async fn no_event_lost_or_duplicated_when_the_leader_is_killed() -> Result<()> {
         assert!(out.starts_with("ok: node"), "{out}");
     }
     // Every node holds the same chain head.
-    let heads: Vec<String> = nodes.iter().map(|n| cli(&n.server(), &["audit", "verify"]).1).collect();
-    let hash = |s: &String| s.split("head hash ").nth(1).map(|h| h.split(' ').next().unwrap().to_string());
-    assert!(heads.iter().all(|h| hash(h) == hash(&heads[0])), "{heads:?}");
+    let heads: Vec<String> = nodes
+        .iter()
+        .map(|n| cli(&n.server(), &["audit", "verify"]).1)
+        .collect();
+    let hash = |s: &String| {
+        s.split("head hash ")
+            .nth(1)
+            .map(|h| h.split(' ').next().unwrap().to_string())
+    };
+    assert!(
+        heads.iter().all(|h| hash(h) == hash(&heads[0])),
+        "{heads:?}"
+    );
     println!("publish finished {publish_done:?} after the kill");
     Ok(())
 }

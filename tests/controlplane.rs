@@ -14,13 +14,19 @@ use custos_proto::v1::{event::Payload, AuditRecord, SessionStarted};
 use prost::Message;
 
 async fn head(server: &str) -> u64 {
-    client(server).await.status().await.map(|s| s.audit_head_seq).unwrap_or(0)
+    client(server)
+        .await
+        .status()
+        .await
+        .map(|s| s.audit_head_seq)
+        .unwrap_or(0)
 }
 
 async fn issue_tokens(server: &str, n: usize) -> Result<()> {
     let mut c = client(server).await;
     for i in 0..n {
-        c.issue_token(format!("svc-{i}"), vec!["agents".into()], 600, vec![]).await?;
+        c.issue_token(format!("svc-{i}"), vec!["agents".into()], 600, vec![])
+            .await?;
     }
     Ok(())
 }
@@ -29,13 +35,20 @@ async fn issue_tokens(server: &str, n: usize) -> Result<()> {
 async fn stopped_node_catches_up_from_snapshot_and_a_new_node_joins() -> Result<()> {
     let root = tempfile::tempdir()?;
     // Snapshots every 40 entries, keeping only 5 logs: a node that misses 200 writes needs a snapshot.
-    let opts = ClusterOpts { nats_url: None, snapshot_every: 40, keep_logs: 5 };
+    let opts = ClusterOpts {
+        nats_url: None,
+        snapshot_every: 40,
+        keep_logs: 5,
+    };
     let mut nodes = cluster(root.path(), &[1, 2, 3, 4], &[1, 2, 3], &opts)?;
     for n in nodes.iter_mut().take(3) {
         n.spawn()?;
     }
     let first3: Vec<&NodeProc> = nodes.iter().take(3).collect();
-    eventually(Duration::from_secs(30), "a leader", || async { leader(&first3).await.is_some() }).await?;
+    eventually(Duration::from_secs(30), "a leader", || async {
+        leader(&first3).await.is_some()
+    })
+    .await?;
 
     // Writes through any node are forwarded to the leader.
     issue_tokens(&nodes[0].server(), 20).await?;
@@ -45,27 +58,45 @@ async fn stopped_node_catches_up_from_snapshot_and_a_new_node_joins() -> Result<
     let l = leader(&first3).await.unwrap();
     let victim = nodes.iter().take(3).position(|n| n.id != l).unwrap();
     nodes[victim].kill();
-    let live = nodes.iter().take(3).find(|n| n.id != nodes[victim].id).unwrap().server();
+    let live = nodes
+        .iter()
+        .take(3)
+        .find(|n| n.id != nodes[victim].id)
+        .unwrap()
+        .server();
     issue_tokens(&live, 200).await?;
     let want = head(&live).await;
     assert!(want >= 240, "head {want}");
     nodes[victim].spawn()?;
     let vs = nodes[victim].server();
-    eventually(Duration::from_secs(60), "restarted node to catch up", || {
-        let vs = vs.clone();
-        async move { head(&vs).await >= want }
-    })
+    eventually(
+        Duration::from_secs(60),
+        "restarted node to catch up",
+        || {
+            let vs = vs.clone();
+            async move { head(&vs).await >= want }
+        },
+    )
     .await?;
     let st = client(&vs).await.status().await?;
-    assert!(st.snapshot_index > 0, "restarted node should hold a snapshot: {st:?}");
+    assert!(
+        st.snapshot_index > 0,
+        "restarted node should hold a snapshot: {st:?}"
+    );
     let (code, out, err) = cli(&vs, &["audit", "verify"]);
     assert_eq!(code, 0, "{out}{err}");
 
     // A fourth node, started with no initial members, joins through `custos cluster add`.
     nodes[3].spawn()?;
-    let (code, out, err) = cli(&live, &["cluster", "add", "--id", "4", "--addr", &nodes[3].addr()]);
+    let (code, out, err) = cli(
+        &live,
+        &["cluster", "add", "--id", "4", "--addr", &nodes[3].addr()],
+    );
     assert_eq!(code, 0, "cluster add: {out}{err}");
-    assert!(out.contains("4 127.0.0.1") && out.contains("voter"), "{out}");
+    assert!(
+        out.contains("4 127.0.0.1") && out.contains("voter"),
+        "{out}"
+    );
     let n4 = nodes[3].server();
     eventually(Duration::from_secs(60), "node 4 to catch up", || {
         let n4 = n4.clone();
@@ -90,16 +121,35 @@ async fn tampering_with_a_stored_record_is_detected_and_named() -> Result<()> {
     cfg.node.admin_token_file = Some(root.path().join("admin.token"));
     std::fs::write(root.path().join("admin.token"), ADMIN_TOKEN)?;
     cfg.bus.kind = custos_controlplane::config::BusKind::None;
-    cfg.cluster.initial_members.insert("1".into(), "127.0.0.1:0".into());
-    let node = custos_controlplane::ControlPlane::start(cfg, custos_controlplane::EventInput::None).await?;
+    cfg.cluster
+        .initial_members
+        .insert("1".into(), "127.0.0.1:0".into());
+    let node = custos_controlplane::ControlPlane::start(cfg, custos_controlplane::EventInput::None)
+        .await?;
     let server = format!("http://{}", node.addr());
-    eventually(Duration::from_secs(10), "leadership", || async { node.raft().current_leader().await == Some(1) }).await?;
+    eventually(Duration::from_secs(10), "leadership", || async {
+        node.raft().current_leader().await == Some(1)
+    })
+    .await?;
 
-    let origin = Origin { edge_id: "e".into(), identity: "alice".into(), ..Default::default() };
+    let origin = Origin {
+        edge_id: "e".into(),
+        identity: "alice".into(),
+        ..Default::default()
+    };
     let items = (0..100)
-        .map(|_| IngestItem { data: origin.event(Payload::SessionStarted(SessionStarted::default())).encode_to_vec(), bus_seq: 0 })
+        .map(|_| IngestItem {
+            data: origin
+                .event(Payload::SessionStarted(SessionStarted::default()))
+                .encode_to_vec(),
+            bus_seq: 0,
+        })
         .collect();
-    node.write(Cmd::Ingest { committed_unix_nano: 1, items }).await?;
+    node.write(Cmd::Ingest {
+        committed_unix_nano: 1,
+        items,
+    })
+    .await?;
     let (code, out, _) = cli(&server, &["audit", "verify"]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("holds 100 records"), "{out}");
@@ -141,20 +191,37 @@ async fn tampering_with_a_stored_record_is_detected_and_named() -> Result<()> {
 async fn malformed_events_are_parked_and_do_not_block_ingest() -> Result<()> {
     let nats = Nats::start()?;
     let root = tempfile::tempdir()?;
-    let opts = ClusterOpts { nats_url: Some(nats.url()), snapshot_every: 5000, keep_logs: 1000 };
+    let opts = ClusterOpts {
+        nats_url: Some(nats.url()),
+        snapshot_every: 5000,
+        keep_logs: 1000,
+    };
     let mut nodes = cluster(root.path(), &[1], &[1], &opts)?;
     nodes[0].spawn()?;
     let server = nodes[0].server();
-    let bus = NatsBus::connect(NatsConfig { url: nats.url(), ..Default::default() }).await?;
+    let bus = NatsBus::connect(NatsConfig {
+        url: nats.url(),
+        ..Default::default()
+    })
+    .await?;
     let js = bus.jetstream().clone();
-    let origin = Origin { edge_id: "e".into(), identity: "bob".into(), connection: "db".into(), ..Default::default() };
+    let origin = Origin {
+        edge_id: "e".into(),
+        identity: "bob".into(),
+        connection: "db".into(),
+        ..Default::default()
+    };
     let mut good = 0;
     for i in 0..60 {
         if i % 10 == 3 {
             // Garbage bytes, an event without payload, and a non-UUID id.
             let junk: Vec<u8> = match i % 3 {
                 0 => vec![0xff, 0xfe, 0x01, 0x02],
-                1 => custos_proto::v1::Event { id: uuid::Uuid::now_v7().to_string(), ..Default::default() }.encode_to_vec(),
+                1 => custos_proto::v1::Event {
+                    id: uuid::Uuid::now_v7().to_string(),
+                    ..Default::default()
+                }
+                .encode_to_vec(),
                 _ => custos_proto::v1::Event {
                     id: "not-a-uuid".into(),
                     payload: Some(Payload::SessionStarted(SessionStarted::default())),
@@ -162,9 +229,12 @@ async fn malformed_events_are_parked_and_do_not_block_ingest() -> Result<()> {
                 }
                 .encode_to_vec(),
             };
-            js.publish(format!("custos.events.junk.{i}"), junk.into()).await?.await?;
+            js.publish(format!("custos.events.junk.{i}"), junk.into())
+                .await?
+                .await?;
         } else {
-            bus.publish(&origin.event(Payload::SessionStarted(SessionStarted::default()))).await?;
+            bus.publish(&origin.event(Payload::SessionStarted(SessionStarted::default())))
+                .await?;
             good += 1;
         }
     }
@@ -185,10 +255,22 @@ async fn malformed_events_are_parked_and_do_not_block_ingest() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_policy_is_rejected_and_the_previous_version_stays() -> Result<()> {
     let root = tempfile::tempdir()?;
-    let mut nodes = cluster(root.path(), &[1], &[1], &ClusterOpts { nats_url: None, snapshot_every: 5000, keep_logs: 1000 })?;
+    let mut nodes = cluster(
+        root.path(),
+        &[1],
+        &[1],
+        &ClusterOpts {
+            nats_url: None,
+            snapshot_every: 5000,
+            keep_logs: 1000,
+        },
+    )?;
     nodes[0].spawn()?;
     let server = nodes[0].server();
-    eventually(Duration::from_secs(20), "leader", || async { head(&server).await == 0 && leader(&[&nodes[0]]).await.is_some() }).await?;
+    eventually(Duration::from_secs(20), "leader", || async {
+        head(&server).await == 0 && leader(&[&nodes[0]]).await.is_some()
+    })
+    .await?;
 
     let dir = root.path();
     let good = dir.join("good.cedar");
@@ -196,18 +278,30 @@ async fn a_bad_policy_is_rejected_and_the_previous_version_stays() -> Result<()>
         &good,
         "@id(\"agents-read\")\npermit(principal in Custos::Group::\"agents\", action in Custos::Action::\"sql:read\", resource);\n",
     )?;
-    let (code, out, err) = cli(&server, &["policy", "apply", good.to_str().unwrap(), "-m", "first"]);
+    let (code, out, err) = cli(
+        &server,
+        &["policy", "apply", good.to_str().unwrap(), "-m", "first"],
+    );
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("version 1"), "{out}");
 
     let typo = dir.join("typo.cedar");
-    std::fs::write(&typo, "permit(principal, action == Custos::Action::\"sql:selct\", resource);\n")?;
+    std::fs::write(
+        &typo,
+        "permit(principal, action == Custos::Action::\"sql:selct\", resource);\n",
+    )?;
     let (code, out, err) = cli(&server, &["policy", "apply", typo.to_str().unwrap()]);
     assert_ne!(code, 0);
-    assert!(err.contains("previous version stays in force") && err.contains("line 1"), "{out}{err}");
+    assert!(
+        err.contains("previous version stays in force") && err.contains("line 1"),
+        "{out}{err}"
+    );
 
     let syntax = dir.join("syntax.cedar");
-    std::fs::write(&syntax, "permit(principal, action, resource)\nforbid(principal action, resource);\n")?;
+    std::fs::write(
+        &syntax,
+        "permit(principal, action, resource)\nforbid(principal action, resource);\n",
+    )?;
     let (code, _, err) = cli(&server, &["policy", "apply", syntax.to_str().unwrap()]);
     assert_ne!(code, 0);
     assert!(err.contains("line 2") || err.contains("line 1"), "{err}");
@@ -218,25 +312,59 @@ async fn a_bad_policy_is_rejected_and_the_previous_version_stays() -> Result<()>
 
     let (code, out, err) = cli(&server, &["policy", "get"]);
     assert_eq!(code, 0);
-    assert!(out.contains("agents-read") && err.contains("version 1"), "{out}{err}");
+    assert!(
+        out.contains("agents-read") && err.contains("version 1"),
+        "{out}{err}"
+    );
 
     // Bad requests name the problem.
-    let (code, _, err) = cli(&server, &["connection", "put", "x y", "--kind", "postgres", "--address", "a:1"]);
+    let (code, _, err) = cli(
+        &server,
+        &[
+            "connection",
+            "put",
+            "x y",
+            "--kind",
+            "postgres",
+            "--address",
+            "a:1",
+        ],
+    );
     assert_ne!(code, 0);
     assert!(err.contains("connection name"), "{err}");
-    let (code, _, err) = cli(&server, &["connection", "put", "db", "--kind", "oracle", "--address", "a:1"]);
+    let (code, _, err) = cli(
+        &server,
+        &[
+            "connection",
+            "put",
+            "db",
+            "--kind",
+            "oracle",
+            "--address",
+            "a:1",
+        ],
+    );
     assert_ne!(code, 0);
     assert!(err.contains("kind"), "{err}");
     // A bad token is refused with the next step.
     let out = Command::new(custos_bin())
         .args(["policy", "get"])
         .env("CUSTOS_SERVER", &server)
-        .env("CUSTOS_TOKEN", "cst_0000000000000000_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")
+        .env(
+            "CUSTOS_TOKEN",
+            "cst_0000000000000000_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        )
         .output()?;
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("custos token issue"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("custos token issue"),
+        "{err}"
+    );
     // An unreachable server is named.
-    let (code, _, err) = cli(&format!("http://127.0.0.1:{}", free_port()), &["cluster", "status"]);
+    let (code, _, err) = cli(
+        &format!("http://127.0.0.1:{}", free_port()),
+        &["cluster", "status"],
+    );
     assert_ne!(code, 0);
     assert!(err.contains("cannot reach the control plane"), "{err}");
     Ok(())
@@ -245,23 +373,58 @@ async fn a_bad_policy_is_rejected_and_the_previous_version_stays() -> Result<()>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_secrets_are_sealed_and_never_returned_to_admins() -> Result<()> {
     let root = tempfile::tempdir()?;
-    let mut nodes = cluster(root.path(), &[1], &[1], &ClusterOpts { nats_url: None, snapshot_every: 5000, keep_logs: 1000 })?;
+    let mut nodes = cluster(
+        root.path(),
+        &[1],
+        &[1],
+        &ClusterOpts {
+            nats_url: None,
+            snapshot_every: 5000,
+            keep_logs: 1000,
+        },
+    )?;
     nodes[0].spawn()?;
     let server = nodes[0].server();
-    eventually(Duration::from_secs(20), "leader", || async { leader(&[&nodes[0]]).await.is_some() }).await?;
+    eventually(Duration::from_secs(20), "leader", || async {
+        leader(&[&nodes[0]]).await.is_some()
+    })
+    .await?;
     let (code, out, err) = cli(
         &server,
-        &["connection", "put", "prod-pg", "--kind", "postgres", "--address", "127.0.0.1:5432", "-o", "database=app", "-s", "username=app", "-s", "password=S3cr3t-P4ss"],
+        &[
+            "connection",
+            "put",
+            "prod-pg",
+            "--kind",
+            "postgres",
+            "--address",
+            "127.0.0.1:5432",
+            "-o",
+            "database=app",
+            "-s",
+            "username=app",
+            "-s",
+            "password=S3cr3t-P4ss",
+        ],
     );
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("secrets=password,username") && !out.contains("S3cr3t"), "{out}");
-    let (_, out, _) = cli(&server, &["audit", "search", "--kind", "connection_changed", "--json"]);
+    assert!(
+        out.contains("secrets=password,username") && !out.contains("S3cr3t"),
+        "{out}"
+    );
+    let (_, out, _) = cli(
+        &server,
+        &["audit", "search", "--kind", "connection_changed", "--json"],
+    );
     assert!(out.contains("created") && !out.contains("S3cr3t"), "{out}");
     // Not in the node's log either, nor in plain text anywhere in its data directory.
     assert!(!nodes[0].log().contains("S3cr3t"));
     let mut found = false;
     for entry in walk(&nodes[0].dir) {
-        if std::fs::read(&entry).map(|b| b.windows(11).any(|w| w == b"S3cr3t-P4ss")).unwrap_or(false) {
+        if std::fs::read(&entry)
+            .map(|b| b.windows(11).any(|w| w == b"S3cr3t-P4ss"))
+            .unwrap_or(false)
+        {
             found = true;
         }
     }
@@ -299,10 +462,22 @@ async fn custos_dev_runs_the_embedded_default() -> Result<()> {
     let server = format!("http://127.0.0.1:{port}");
     let token = std::fs::read_to_string(dir.path().join("admin.token"))?;
     let run = |args: &[&str]| {
-        let out = Command::new(custos_bin()).args(args).env("CUSTOS_SERVER", &server).env("CUSTOS_TOKEN", token.trim()).output().unwrap();
-        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        let out = Command::new(custos_bin())
+            .args(args)
+            .env("CUSTOS_SERVER", &server)
+            .env("CUSTOS_TOKEN", token.trim())
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
-    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/examples/policies/agents.cedar");
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/examples/policies/agents.cedar"
+    );
     let mut ok = false;
     for _ in 0..50 {
         let (code, _, _) = run(&["cluster", "status"]);
@@ -315,13 +490,24 @@ async fn custos_dev_runs_the_embedded_default() -> Result<()> {
     assert!(ok, "dev node never became leader");
     let (code, out, err) = run(&["policy", "apply", example]);
     assert_eq!(code, 0, "{out}{err}");
-    let (code, out, _) = run(&["token", "issue", "agent:reporter", "--group", "agents", "--ttl", "8h"]);
+    let (code, out, _) = run(&[
+        "token",
+        "issue",
+        "agent:reporter",
+        "--group",
+        "agents",
+        "--ttl",
+        "8h",
+    ]);
     assert_eq!(code, 0);
     assert!(out.trim().starts_with("cst_"));
     let (code, out, _) = run(&["audit", "search", "--kind", "token_issued"]);
     assert_eq!(code, 0);
     assert!(out.contains("agent:reporter"), "{out}");
-    assert!(!out.contains("cst_"), "a token leaked into the audit log: {out}");
+    assert!(
+        !out.contains("cst_"),
+        "a token leaked into the audit log: {out}"
+    );
     let (code, out, _) = run(&["audit", "verify"]);
     assert_eq!(code, 0, "{out}");
     // SIGTERM shuts it down cleanly.
@@ -336,35 +522,89 @@ async fn edges_follow_configuration_and_keep_it_when_the_control_plane_goes_away
     use custos_edge::watch::{run, EdgeConfig, WatchOptions};
     use std::sync::Arc;
     let root = tempfile::tempdir()?;
-    let mut nodes = cluster(root.path(), &[1], &[1], &ClusterOpts { nats_url: None, snapshot_every: 5000, keep_logs: 1000 })?;
+    let mut nodes = cluster(
+        root.path(),
+        &[1],
+        &[1],
+        &ClusterOpts {
+            nats_url: None,
+            snapshot_every: 5000,
+            keep_logs: 1000,
+        },
+    )?;
     nodes[0].spawn()?;
     let server = nodes[0].server();
-    eventually(Duration::from_secs(20), "leader", || async { leader(&[&nodes[0]]).await.is_some() }).await?;
-    let (code, out, err) = cli(&server, &["connection", "put", "prod-pg", "--kind", "postgres", "--address", "127.0.0.1:5432", "-s", "password=hunter2"]);
+    eventually(Duration::from_secs(20), "leader", || async {
+        leader(&[&nodes[0]]).await.is_some()
+    })
+    .await?;
+    let (code, out, err) = cli(
+        &server,
+        &[
+            "connection",
+            "put",
+            "prod-pg",
+            "--kind",
+            "postgres",
+            "--address",
+            "127.0.0.1:5432",
+            "-s",
+            "password=hunter2",
+        ],
+    );
     assert_eq!(code, 0, "{out}{err}");
 
     // A client token without the edge role may not follow configuration.
-    let plain = client(&server).await.issue_token("alice".into(), vec![], 600, vec![]).await?;
-    let edge = client(&server).await.issue_token("edge-1".into(), vec![], 600, vec!["edge".into()]).await?;
+    let plain = client(&server)
+        .await
+        .issue_token("alice".into(), vec![], 600, vec![])
+        .await?;
+    let edge = client(&server)
+        .await
+        .issue_token("edge-1".into(), vec![], 600, vec!["edge".into()])
+        .await?;
 
     let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(EdgeConfig::default()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let opts = WatchOptions { edge_id: "edge-1".into(), servers: vec![nodes[0].addr()], token: edge.token.clone(), max_backoff: Duration::from_millis(500) };
+    let opts = WatchOptions {
+        edge_id: "edge-1".into(),
+        servers: vec![nodes[0].addr()],
+        token: edge.token.clone(),
+        max_backoff: Duration::from_millis(500),
+    };
     let task = tokio::spawn(run(opts, tx, stop_rx));
     tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|c| c.synced)).await??;
     {
         let c = rx.borrow().clone();
         let conn = &c.connections["prod-pg"];
-        assert_eq!(conn.secrets.get("password").map(String::as_str), Some("hunter2"), "edges receive opened credentials");
+        assert_eq!(
+            conn.secrets.get("password").map(String::as_str),
+            Some("hunter2"),
+            "edges receive opened credentials"
+        );
         assert!(c.tokens.contains_key(&plain.token_id));
     }
     // Changes stream in.
     let policy = root.path().join("p.cedar");
-    std::fs::write(&policy, "permit(principal, action == Custos::Action::\"sql:select\", resource);\n")?;
-    assert_eq!(cli(&server, &["policy", "apply", policy.to_str().unwrap()]).0, 0);
-    tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|c| c.policy.as_ref().map(|p| p.version) == Some(1))).await??;
+    std::fs::write(
+        &policy,
+        "permit(principal, action == Custos::Action::\"sql:select\", resource);\n",
+    )?;
+    assert_eq!(
+        cli(&server, &["policy", "apply", policy.to_str().unwrap()]).0,
+        0
+    );
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        rx.wait_for(|c| c.policy.as_ref().map(|p| p.version) == Some(1)),
+    )
+    .await??;
     assert_eq!(cli(&server, &["connection", "delete", "prod-pg"]).0, 0);
-    tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|c| !c.connections.contains_key("prod-pg"))).await??;
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        rx.wait_for(|c| !c.connections.contains_key("prod-pg")),
+    )
+    .await??;
     let rev = rx.borrow().revision;
 
     // The control plane dies: the edge keeps the last configuration.
@@ -374,19 +614,49 @@ async fn edges_follow_configuration_and_keep_it_when_the_control_plane_goes_away
     assert!(c.synced && c.revision == rev && c.policy.is_some());
     // …and resynchronizes when it returns.
     nodes[0].spawn()?;
-    eventually(Duration::from_secs(20), "leader again", || async { leader(&[&nodes[0]]).await.is_some() }).await?;
-    assert_eq!(cli(&server, &["connection", "put", "other", "--kind", "mysql", "--address", "127.0.0.1:3306"]).0, 0);
-    tokio::time::timeout(Duration::from_secs(20), rx.wait_for(|c| c.connections.contains_key("other"))).await??;
+    eventually(Duration::from_secs(20), "leader again", || async {
+        leader(&[&nodes[0]]).await.is_some()
+    })
+    .await?;
+    assert_eq!(
+        cli(
+            &server,
+            &[
+                "connection",
+                "put",
+                "other",
+                "--kind",
+                "mysql",
+                "--address",
+                "127.0.0.1:3306"
+            ]
+        )
+        .0,
+        0
+    );
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        rx.wait_for(|c| c.connections.contains_key("other")),
+    )
+    .await??;
     let _ = stop_tx.send(true);
     task.await?;
 
     // The plain token is refused by EdgeSync.
     let (tx2, rx2) = tokio::sync::watch::channel(Arc::new(EdgeConfig::default()));
     let (_stop2, stop_rx2) = tokio::sync::watch::channel(false);
-    let opts = WatchOptions { edge_id: "x".into(), servers: vec![nodes[0].addr()], token: plain.token, max_backoff: Duration::from_millis(200) };
+    let opts = WatchOptions {
+        edge_id: "x".into(),
+        servers: vec![nodes[0].addr()],
+        token: plain.token,
+        max_backoff: Duration::from_millis(200),
+    };
     let t2 = tokio::spawn(run(opts, tx2, stop_rx2));
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(!rx2.borrow().synced, "a token without the edge role must not receive configuration");
+    assert!(
+        !rx2.borrow().synced,
+        "a token without the edge role must not receive configuration"
+    );
     t2.abort();
     Ok(())
 }
@@ -396,12 +666,34 @@ async fn committed_records_are_republished_as_ocsf_json_for_siems() -> Result<()
     use futures::StreamExt;
     let nats = Nats::start()?;
     let root = tempfile::tempdir()?;
-    let mut nodes = cluster(root.path(), &[1], &[1], &ClusterOpts { nats_url: Some(nats.url()), snapshot_every: 5000, keep_logs: 1000 })?;
+    let mut nodes = cluster(
+        root.path(),
+        &[1],
+        &[1],
+        &ClusterOpts {
+            nats_url: Some(nats.url()),
+            snapshot_every: 5000,
+            keep_logs: 1000,
+        },
+    )?;
     nodes[0].spawn()?;
-    let bus = NatsBus::connect(NatsConfig { url: nats.url(), ..Default::default() }).await?;
-    let origin = Origin { edge_id: "e".into(), identity: "carol".into(), connection: "prod.pg".into(), ..Default::default() };
+    let bus = NatsBus::connect(NatsConfig {
+        url: nats.url(),
+        ..Default::default()
+    })
+    .await?;
+    let origin = Origin {
+        edge_id: "e".into(),
+        identity: "carol".into(),
+        connection: "prod.pg".into(),
+        ..Default::default()
+    };
     for _ in 0..25 {
-        bus.publish(&origin.event(Payload::SessionStarted(SessionStarted { protocol: "postgres".into(), ..Default::default() }))).await?;
+        bus.publish(&origin.event(Payload::SessionStarted(SessionStarted {
+            protocol: "postgres".into(),
+            ..Default::default()
+        })))
+        .await?;
     }
     let js = bus.jetstream().clone();
     let mut stream = None;
@@ -414,16 +706,28 @@ async fn committed_records_are_republished_as_ocsf_json_for_siems() -> Result<()
     }
     let stream = stream.expect("CUSTOS_AUDIT stream created by the leader");
     let consumer = stream
-        .create_consumer(async_nats::jetstream::consumer::pull::Config { durable_name: Some("siem".into()), ..Default::default() })
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("siem".into()),
+            ..Default::default()
+        })
         .await?;
     let mut seen = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while seen.len() < 25 && std::time::Instant::now() < deadline {
-        let mut batch = consumer.fetch().max_messages(100).expires(Duration::from_millis(500)).messages().await?;
+        let mut batch = consumer
+            .fetch()
+            .max_messages(100)
+            .expires(Duration::from_millis(500))
+            .messages()
+            .await?;
         while let Some(m) = batch.next().await {
             let m = m.map_err(|e| anyhow::anyhow!("{e}"))?;
             assert_eq!(m.subject.as_str(), "custos.audit.session_started.prod_pg");
-            let seq_header = m.headers.as_ref().and_then(|h| h.get("Custos-Seq")).map(|v| v.as_str().to_string());
+            let seq_header = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Custos-Seq"))
+                .map(|v| v.as_str().to_string());
             let j: serde_json::Value = serde_json::from_slice(&m.payload)?;
             assert_eq!(j["class_uid"], 3002);
             assert_eq!(j["actor"]["user"]["name"], "carol");
@@ -432,7 +736,11 @@ async fn committed_records_are_republished_as_ocsf_json_for_siems() -> Result<()
             m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
         }
     }
-    assert_eq!(seen, (1..=25).collect::<Vec<u64>>(), "every record once, in order");
+    assert_eq!(
+        seen,
+        (1..=25).collect::<Vec<u64>>(),
+        "every record once, in order"
+    );
     Ok(())
 }
 
@@ -442,7 +750,16 @@ async fn mutual_tls_between_nodes_and_clients() -> Result<()> {
     let pki = root.path().join("pki");
     std::fs::create_dir_all(&pki)?;
     make_pki(&pki, &["node", "cli"])?;
-    let mut nodes = cluster(root.path(), &[1, 2, 3], &[1, 2, 3], &ClusterOpts { nats_url: None, snapshot_every: 5000, keep_logs: 1000 })?;
+    let mut nodes = cluster(
+        root.path(),
+        &[1, 2, 3],
+        &[1, 2, 3],
+        &ClusterOpts {
+            nats_url: None,
+            snapshot_every: 5000,
+            keep_logs: 1000,
+        },
+    )?;
     for n in nodes.iter_mut() {
         let mut text = std::fs::read_to_string(&n.config)?;
         text.push_str(&format!(
@@ -454,12 +771,24 @@ async fn mutual_tls_between_nodes_and_clients() -> Result<()> {
     }
     let tls_cli = |port: u16, with_cert: bool, args: &[&str]| {
         let mut cmd = Command::new(custos_bin());
-        cmd.args(["--server", &format!("https://127.0.0.1:{port}"), "--ca"]).arg(pki.join("ca.pem"));
+        cmd.args(["--server", &format!("https://127.0.0.1:{port}"), "--ca"])
+            .arg(pki.join("ca.pem"));
         if with_cert {
-            cmd.arg("--cert").arg(pki.join("cli.pem")).arg("--key").arg(pki.join("cli.key"));
+            cmd.arg("--cert")
+                .arg(pki.join("cli.pem"))
+                .arg("--key")
+                .arg(pki.join("cli.key"));
         }
-        let out = cmd.args(args).env("CUSTOS_TOKEN", ADMIN_TOKEN).output().unwrap();
-        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        let out = cmd
+            .args(args)
+            .env("CUSTOS_TOKEN", ADMIN_TOKEN)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     // Raft runs over mutual TLS: a leader is elected and a write through a follower commits.
     let mut elected = false;
@@ -472,9 +801,17 @@ async fn mutual_tls_between_nodes_and_clients() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(elected, "no leader over mTLS: {}", nodes[0].log());
-    let (code, out, err) = tls_cli(nodes[2].port, true, &["token", "issue", "bob", "--ttl", "10m"]);
+    let (code, out, err) = tls_cli(
+        nodes[2].port,
+        true,
+        &["token", "issue", "bob", "--ttl", "10m"],
+    );
     assert_eq!(code, 0, "{out}{err}");
-    let (code, out, err) = tls_cli(nodes[0].port, true, &["audit", "search", "--kind", "token_issued"]);
+    let (code, out, err) = tls_cli(
+        nodes[0].port,
+        true,
+        &["audit", "search", "--kind", "token_issued"],
+    );
     assert_eq!(code, 0, "{out}{err}");
     // Without a client certificate, and in plain text, the node refuses.
     let (code, _, _) = tls_cli(nodes[0].port, false, &["cluster", "status"]);
@@ -488,11 +825,23 @@ async fn mutual_tls_between_nodes_and_clients() -> Result<()> {
 async fn writes_without_a_majority_fail_with_a_clear_error() -> Result<()> {
     let root = tempfile::tempdir()?;
     // Three initial members, only one started: no leader can be elected.
-    let mut nodes = cluster(root.path(), &[1, 2, 3], &[1, 2, 3], &ClusterOpts { nats_url: None, snapshot_every: 5000, keep_logs: 1000 })?;
+    let mut nodes = cluster(
+        root.path(),
+        &[1, 2, 3],
+        &[1, 2, 3],
+        &ClusterOpts {
+            nats_url: None,
+            snapshot_every: 5000,
+            keep_logs: 1000,
+        },
+    )?;
     nodes[0].spawn()?;
     let (code, out, err) = cli(&nodes[0].server(), &["token", "issue", "bob"]);
     assert_ne!(code, 0, "{out}");
-    assert!(err.contains("no control-plane leader") && err.contains("custos cluster status"), "{err}");
+    assert!(
+        err.contains("no control-plane leader") && err.contains("custos cluster status"),
+        "{err}"
+    );
     let (code, out, _) = cli(&nodes[0].server(), &["cluster", "status"]);
     assert_eq!(code, 0);
     assert!(out.contains("leader none"), "{out}");

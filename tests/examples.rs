@@ -21,7 +21,8 @@ fn every_example_config_loads() {
     let tomls = files(&root, "toml");
     assert!(tomls.len() >= 4, "{tomls:?}");
     for p in tomls {
-        custos_controlplane::ControlPlaneConfig::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        custos_controlplane::ControlPlaneConfig::load(&p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     }
 }
 
@@ -32,7 +33,8 @@ fn every_example_policy_validates() {
     assert!(!cedars.is_empty());
     for p in cedars {
         let text = std::fs::read_to_string(&p).unwrap();
-        let v = custos_core::policy::validate(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        let v =
+            custos_core::policy::validate(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         assert!(v.count > 0, "{}", p.display());
     }
 }
@@ -42,8 +44,15 @@ fn every_systemd_unit_runs_an_existing_subcommand() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
     for p in files(&root, "service") {
         let text = std::fs::read_to_string(&p).unwrap();
-        let exec = text.lines().find_map(|l| l.strip_prefix("ExecStart=")).expect("ExecStart");
+        let exec = text
+            .lines()
+            .find_map(|l| l.strip_prefix("ExecStart="))
+            .expect("ExecStart");
         let sub = exec.split_whitespace().nth(1).expect("subcommand");
-        assert!(["controlplane", "edge", "dev"].contains(&sub), "{}: {sub}", p.display());
+        assert!(
+            ["controlplane", "edge", "dev"].contains(&sub),
+            "{}: {sub}",
+            p.display()
+        );
     }
 }

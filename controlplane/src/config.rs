@@ -128,37 +128,55 @@ pub struct SiemConfig {
 
 impl Default for SiemConfig {
     fn default() -> Self {
-        SiemConfig { enabled: true, stream: "CUSTOS_AUDIT".into() }
+        SiemConfig {
+            enabled: true,
+            stream: "CUSTOS_AUDIT".into(),
+        }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("config {path} is not valid TOML for a control plane: {message}")]
     Parse { path: String, message: String },
     #[error("config field {field}: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
 }
 
 impl ControlPlaneConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
         Self::parse(&text, &path.display().to_string())
     }
 
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let cfg: ControlPlaneConfig =
-            toml::from_str(text).map_err(|e| ConfigError::Parse { path: origin.to_string(), message: e.to_string() })?;
+        let cfg: ControlPlaneConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     /// Check every field a start would trip on, naming it.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |field, message: &str| Err(ConfigError::Invalid { field, message: message.to_string() });
+        let bad = |field, message: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                message: message.to_string(),
+            })
+        };
         if self.node.id == 0 {
             return bad("node.id", "must be 1 or more");
         }
@@ -170,19 +188,36 @@ impl ControlPlaneConfig {
         }
         for (id, addr) in &self.cluster.initial_members {
             if id.parse::<u64>().map(|i| i == 0).unwrap_or(true) {
-                return bad("cluster.initial_members", &format!("key {id:?} must be a node id (1 or more)"));
+                return bad(
+                    "cluster.initial_members",
+                    &format!("key {id:?} must be a node id (1 or more)"),
+                );
             }
             if addr.is_empty() {
-                return bad("cluster.initial_members", &format!("node {id} has an empty address"));
+                return bad(
+                    "cluster.initial_members",
+                    &format!("node {id} has an empty address"),
+                );
             }
         }
-        if !self.cluster.initial_members.is_empty() && !self.cluster.initial_members.contains_key(&self.node.id.to_string()) {
-            return bad("cluster.initial_members", "must include this node's own id (node.id)");
+        if !self.cluster.initial_members.is_empty()
+            && !self
+                .cluster
+                .initial_members
+                .contains_key(&self.node.id.to_string())
+        {
+            return bad(
+                "cluster.initial_members",
+                "must include this node's own id (node.id)",
+            );
         }
         if self.cluster.election_timeout_min_ms <= self.cluster.heartbeat_ms
             || self.cluster.election_timeout_max_ms <= self.cluster.election_timeout_min_ms
         {
-            return bad("cluster.election_timeout_min_ms", "need heartbeat_ms < election_timeout_min_ms < election_timeout_max_ms");
+            return bad(
+                "cluster.election_timeout_min_ms",
+                "need heartbeat_ms < election_timeout_min_ms < election_timeout_max_ms",
+            );
         }
         if self.bus.batch_max == 0 || self.bus.batch_max > 50_000 {
             return bad("bus.batch_max", "must be between 1 and 50000");
@@ -190,7 +225,10 @@ impl ControlPlaneConfig {
         if self.bus.ack_wait_secs == 0 {
             return bad("bus.ack_wait_secs", "must be 1 or more");
         }
-        if self.bus.kind == BusKind::Nats && !self.bus.nats.url.starts_with("nats://") && !self.bus.nats.url.starts_with("tls://") {
+        if self.bus.kind == BusKind::Nats
+            && !self.bus.nats.url.starts_with("nats://")
+            && !self.bus.nats.url.starts_with("tls://")
+        {
             return bad("bus.nats.url", "must start with nats:// or tls://");
         }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
@@ -208,7 +246,9 @@ impl ControlPlaneConfig {
     }
 
     pub fn data_file(&self, explicit: &Option<PathBuf>, default_name: &str) -> PathBuf {
-        explicit.clone().unwrap_or_else(|| self.node.data_dir.join(default_name))
+        explicit
+            .clone()
+            .unwrap_or_else(|| self.node.data_dir.join(default_name))
     }
 }
 
@@ -219,15 +259,24 @@ mod tests {
     #[test]
     fn defaults_validate_and_bad_fields_are_named() {
         ControlPlaneConfig::default().validate().unwrap();
-        let err = ControlPlaneConfig::parse("[node]\nid = 0\n", "x").unwrap_err().to_string();
-        assert!(err.contains("node.id"), "{err}");
-        let err = ControlPlaneConfig::parse("[node]\nlisten = \"nope\"\n", "x").unwrap_err().to_string();
-        assert!(err.contains("node.listen"), "{err}");
-        let err = ControlPlaneConfig::parse("[node]\nid = 2\n[cluster.initial_members]\n1 = \"a:1\"\n", "x")
+        let err = ControlPlaneConfig::parse("[node]\nid = 0\n", "x")
             .unwrap_err()
             .to_string();
+        assert!(err.contains("node.id"), "{err}");
+        let err = ControlPlaneConfig::parse("[node]\nlisten = \"nope\"\n", "x")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("node.listen"), "{err}");
+        let err = ControlPlaneConfig::parse(
+            "[node]\nid = 2\n[cluster.initial_members]\n1 = \"a:1\"\n",
+            "x",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("own id"), "{err}");
-        let err = ControlPlaneConfig::parse("[nod]\n", "x").unwrap_err().to_string();
+        let err = ControlPlaneConfig::parse("[nod]\n", "x")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown field"), "{err}");
     }
 }

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use custos_proto::v1::{
-    self as pb, admin_server::Admin, audit_server::Audit, cluster_server::Cluster, edge_sync_server::EdgeSync,
-    event::Payload, raft_server, Event,
+    self as pb, admin_server::Admin, audit_server::Audit, cluster_server::Cluster,
+    edge_sync_server::EdgeSync, event::Payload, raft_server, Event,
 };
 use futures::Stream;
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
@@ -53,21 +53,34 @@ impl Inner {
         };
         let h = custos_core::token::hash(&token);
         if need == Need::Cluster {
-            if custos_core::token::hashes_equal(&h, &custos_core::token::hash(&self.cluster_secret)) {
-                return Ok(Caller { subject: "cluster".into() });
+            if custos_core::token::hashes_equal(&h, &custos_core::token::hash(&self.cluster_secret))
+            {
+                return Ok(Caller {
+                    subject: "cluster".into(),
+                });
             }
-            return Err(Status::unauthenticated("bad cluster secret: every node needs the same cluster_secret_file"));
+            return Err(Status::unauthenticated(
+                "bad cluster secret: every node needs the same cluster_secret_file",
+            ));
         }
         if custos_core::token::hashes_equal(&h, &self.admin_token_hash) {
-            return Ok(Caller { subject: "admin".into() });
+            return Ok(Caller {
+                subject: "admin".into(),
+            });
         }
-        let invalid = || Status::unauthenticated("token is not valid here: it is unknown, revoked or expired; issue a new one with `custos token issue`");
+        let invalid = || {
+            Status::unauthenticated("token is not valid here: it is unknown, revoked or expired; issue a new one with `custos token issue`")
+        };
         let id = custos_core::token::parse(&token).map_err(|_| invalid())?;
         let t = self.store.token(id).ok_or_else(invalid)?;
-        if t.revoked || t.expires_unix_nano < custos_core::events::now_unix_nano() || !custos_core::token::hashes_equal(&h, &t.sha256) {
+        if t.revoked
+            || t.expires_unix_nano < custos_core::events::now_unix_nano()
+            || !custos_core::token::hashes_equal(&h, &t.sha256)
+        {
             return Err(invalid());
         }
-        let ok = t.roles.iter().any(|r| r == "admin") || (need == Need::Edge && t.roles.iter().any(|r| r == "edge"));
+        let ok = t.roles.iter().any(|r| r == "admin")
+            || (need == Need::Edge && t.roles.iter().any(|r| r == "edge"));
         if !ok {
             return Err(Status::permission_denied(format!(
                 "token of {} lacks the {} role for this call",
@@ -120,7 +133,11 @@ pub(crate) async fn serve(
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let res = builder
         .add_service(pb::admin_server::AdminServer::new(svc.clone()))
-        .add_service(pb::audit_server::AuditServer::new(svc.clone()).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE))
+        .add_service(
+            pb::audit_server::AuditServer::new(svc.clone())
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        )
         .add_service(pb::edge_sync_server::EdgeSyncServer::new(svc.clone()))
         .add_service(pb::cluster_server::ClusterServer::new(svc.clone()))
         .add_service(
@@ -139,19 +156,36 @@ pub(crate) async fn serve(
 
 // ===== Admin =================================================================================
 
-const KINDS: &[&str] = &["postgres", "mysql", "ssh", "kubernetes", "http", "llm", "mcp"];
+const KINDS: &[&str] = &[
+    "postgres",
+    "mysql",
+    "ssh",
+    "kubernetes",
+    "http",
+    "llm",
+    "mcp",
+];
 
 fn valid_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 128 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 #[tonic::async_trait]
 impl Admin for Svc {
-    async fn apply_policy(&self, req: Request<pb::ApplyPolicyRequest>) -> Result<TResponse<pb::PolicySet>, Status> {
+    async fn apply_policy(
+        &self,
+        req: Request<pb::ApplyPolicyRequest>,
+    ) -> Result<TResponse<pb::PolicySet>, Status> {
         let caller = self.0.authorize(&req, Need::Admin)?;
         let r = req.into_inner();
         let validated = custos_core::policy::validate(&r.text).map_err(|e| {
-            Status::invalid_argument(format!("policy rejected; the previous version stays in force:\n{e}"))
+            Status::invalid_argument(format!(
+                "policy rejected; the previous version stays in force:\n{e}"
+            ))
         })?;
         let next = self.0.store.policy(0).map(|p| p.version).unwrap_or(0) + 1;
         let event = self.0.origin_event(
@@ -183,45 +217,79 @@ impl Admin for Svc {
         }
     }
 
-    async fn validate_policy(&self, req: Request<pb::ApplyPolicyRequest>) -> Result<TResponse<pb::ValidatePolicyReply>, Status> {
+    async fn validate_policy(
+        &self,
+        req: Request<pb::ApplyPolicyRequest>,
+    ) -> Result<TResponse<pb::ValidatePolicyReply>, Status> {
         self.0.authorize(&req, Need::Admin)?;
-        Ok(TResponse::new(match custos_core::policy::validate(&req.get_ref().text) {
-            Ok(v) => pb::ValidatePolicyReply { ok: true, errors: vec![], policies: v.count as u32 },
-            Err(e) => pb::ValidatePolicyReply {
-                ok: false,
-                errors: e.problems.iter().map(|p| format!("line {}, column {}: {}", p.line, p.column, p.message)).collect(),
-                policies: 0,
+        Ok(TResponse::new(
+            match custos_core::policy::validate(&req.get_ref().text) {
+                Ok(v) => pb::ValidatePolicyReply {
+                    ok: true,
+                    errors: vec![],
+                    policies: v.count as u32,
+                },
+                Err(e) => pb::ValidatePolicyReply {
+                    ok: false,
+                    errors: e
+                        .problems
+                        .iter()
+                        .map(|p| format!("line {}, column {}: {}", p.line, p.column, p.message))
+                        .collect(),
+                    policies: 0,
+                },
             },
-        }))
+        ))
     }
 
-    async fn get_policy(&self, req: Request<pb::GetPolicyRequest>) -> Result<TResponse<pb::PolicySet>, Status> {
+    async fn get_policy(
+        &self,
+        req: Request<pb::GetPolicyRequest>,
+    ) -> Result<TResponse<pb::PolicySet>, Status> {
         self.0.authorize(&req, Need::Admin)?;
         let v = req.get_ref().version;
         match self.0.store.policy(v) {
             Some(p) => Ok(TResponse::new(p)),
             None if v == 0 => Ok(TResponse::new(pb::PolicySet::default())),
-            None => Err(Status::not_found(format!("policy version {v} does not exist"))),
+            None => Err(Status::not_found(format!(
+                "policy version {v} does not exist"
+            ))),
         }
     }
 
-    async fn put_connection(&self, req: Request<pb::Connection>) -> Result<TResponse<pb::Connection>, Status> {
+    async fn put_connection(
+        &self,
+        req: Request<pb::Connection>,
+    ) -> Result<TResponse<pb::Connection>, Status> {
         let caller = self.0.authorize(&req, Need::Admin)?;
         let c = req.into_inner();
         if !valid_name(&c.name) {
-            return Err(Status::invalid_argument("connection name must be 1-128 characters of letters, digits, '-', '_' or '.'"));
+            return Err(Status::invalid_argument(
+                "connection name must be 1-128 characters of letters, digits, '-', '_' or '.'",
+            ));
         }
         if !KINDS.contains(&c.kind.as_str()) {
-            return Err(Status::invalid_argument(format!("connection kind {:?} is not one of {}", c.kind, KINDS.join(", "))));
+            return Err(Status::invalid_argument(format!(
+                "connection kind {:?} is not one of {}",
+                c.kind,
+                KINDS.join(", ")
+            )));
         }
         if c.address.is_empty() {
-            return Err(Status::invalid_argument("connection address is required (host:port or URL)"));
+            return Err(Status::invalid_argument(
+                "connection address is required (host:port or URL)",
+            ));
         }
         let existed = self.0.store.connection(&c.name).is_some();
         let sealed: BTreeMap<String, Vec<u8>> = c
             .secrets
             .iter()
-            .map(|(k, v)| (k.clone(), self.0.secret_key.seal(v.as_bytes(), c.name.as_bytes())))
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    self.0.secret_key.seal(v.as_bytes(), c.name.as_bytes()),
+                )
+            })
             .collect();
         let event = self.0.origin_event(
             &caller.subject,
@@ -242,59 +310,121 @@ impl Admin for Svc {
             revision: 0,
         };
         self.0
-            .commit(Command::PutConnection { conn, keep_secrets: true, event, committed_unix_nano: custos_core::events::now_unix_nano() })
+            .commit(Command::PutConnection {
+                conn,
+                keep_secrets: true,
+                event,
+                committed_unix_nano: custos_core::events::now_unix_nano(),
+            })
             .await?;
-        let stored = self.0.store.connection(&c.name).ok_or_else(|| Status::internal("connection not readable after commit"))?;
+        let stored = self
+            .0
+            .store
+            .connection(&c.name)
+            .ok_or_else(|| Status::internal("connection not readable after commit"))?;
         Ok(TResponse::new(public_connection(&stored)))
     }
 
-    async fn get_connection(&self, req: Request<pb::ConnectionName>) -> Result<TResponse<pb::Connection>, Status> {
+    async fn get_connection(
+        &self,
+        req: Request<pb::ConnectionName>,
+    ) -> Result<TResponse<pb::Connection>, Status> {
         self.0.authorize(&req, Need::Admin)?;
         let name = &req.get_ref().name;
         self.0
             .store
             .connection(name)
             .map(|c| TResponse::new(public_connection(&c)))
-            .ok_or_else(|| Status::not_found(format!("no connection named {name:?}; list them with `custos connection list`")))
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "no connection named {name:?}; list them with `custos connection list`"
+                ))
+            })
     }
 
-    async fn list_connections(&self, req: Request<pb::Empty>) -> Result<TResponse<pb::ConnectionList>, Status> {
+    async fn list_connections(
+        &self,
+        req: Request<pb::Empty>,
+    ) -> Result<TResponse<pb::ConnectionList>, Status> {
         self.0.authorize(&req, Need::Admin)?;
-        Ok(TResponse::new(pb::ConnectionList { connections: self.0.store.connections().iter().map(public_connection).collect() }))
+        Ok(TResponse::new(pb::ConnectionList {
+            connections: self
+                .0
+                .store
+                .connections()
+                .iter()
+                .map(public_connection)
+                .collect(),
+        }))
     }
 
-    async fn delete_connection(&self, req: Request<pb::ConnectionName>) -> Result<TResponse<pb::Empty>, Status> {
+    async fn delete_connection(
+        &self,
+        req: Request<pb::ConnectionName>,
+    ) -> Result<TResponse<pb::Empty>, Status> {
         let caller = self.0.authorize(&req, Need::Admin)?;
         let name = req.into_inner().name;
-        let kind = self.0.store.connection(&name).map(|c| (c.kind, c.address)).unwrap_or_default();
+        let kind = self
+            .0
+            .store
+            .connection(&name)
+            .map(|c| (c.kind, c.address))
+            .unwrap_or_default();
         let event = self.0.origin_event(
             &caller.subject,
             &name,
-            Payload::ConnectionChanged(pb::ConnectionChanged { change: "deleted".into(), kind: kind.0, address: kind.1, credentials_changed: false }),
+            Payload::ConnectionChanged(pb::ConnectionChanged {
+                change: "deleted".into(),
+                kind: kind.0,
+                address: kind.1,
+                credentials_changed: false,
+            }),
         );
-        match self.0.commit(Command::DeleteConnection { name: name.clone(), event, committed_unix_nano: custos_core::events::now_unix_nano() }).await? {
+        match self
+            .0
+            .commit(Command::DeleteConnection {
+                name: name.clone(),
+                event,
+                committed_unix_nano: custos_core::events::now_unix_nano(),
+            })
+            .await?
+        {
             Response::NotFound => Err(Status::not_found(format!("no connection named {name:?}"))),
             _ => Ok(TResponse::new(pb::Empty {})),
         }
     }
 
-    async fn issue_token(&self, req: Request<pb::IssueTokenRequest>) -> Result<TResponse<pb::IssuedToken>, Status> {
+    async fn issue_token(
+        &self,
+        req: Request<pb::IssueTokenRequest>,
+    ) -> Result<TResponse<pb::IssuedToken>, Status> {
         let caller = self.0.authorize(&req, Need::Admin)?;
         let r = req.into_inner();
         if r.subject.is_empty() || r.subject.len() > 256 {
-            return Err(Status::invalid_argument("token subject is required (at most 256 characters)"));
+            return Err(Status::invalid_argument(
+                "token subject is required (at most 256 characters)",
+            ));
         }
         for role in &r.roles {
             if !["admin", "edge", "approver"].contains(&role.as_str()) {
-                return Err(Status::invalid_argument(format!("unknown role {role:?}: use admin, edge or approver")));
+                return Err(Status::invalid_argument(format!(
+                    "unknown role {role:?}: use admin, edge or approver"
+                )));
             }
         }
-        let ttl = if r.ttl_seconds == 0 { 3600 } else { r.ttl_seconds };
+        let ttl = if r.ttl_seconds == 0 {
+            3600
+        } else {
+            r.ttl_seconds
+        };
         if ttl > 90 * 86400 {
-            return Err(Status::invalid_argument("token lifetime is at most 90 days"));
+            return Err(Status::invalid_argument(
+                "token lifetime is at most 90 days",
+            ));
         }
         let new = custos_core::token::generate();
-        let expires = custos_core::events::now_unix_nano().saturating_add((ttl as i64).saturating_mul(1_000_000_000));
+        let expires = custos_core::events::now_unix_nano()
+            .saturating_add((ttl as i64).saturating_mul(1_000_000_000));
         let token = StoredToken {
             token_id: new.id.clone(),
             sha256: custos_core::token::hash(&new.token),
@@ -315,14 +445,33 @@ impl Admin for Svc {
                 roles: r.roles,
             }),
         );
-        self.0.commit(Command::IssueToken { token, event, committed_unix_nano: custos_core::events::now_unix_nano() }).await?;
-        Ok(TResponse::new(pb::IssuedToken { token: new.token, token_id: new.id, expires_unix_nano: expires }))
+        self.0
+            .commit(Command::IssueToken {
+                token,
+                event,
+                committed_unix_nano: custos_core::events::now_unix_nano(),
+            })
+            .await?;
+        Ok(TResponse::new(pb::IssuedToken {
+            token: new.token,
+            token_id: new.id,
+            expires_unix_nano: expires,
+        }))
     }
 
-    async fn revoke_token(&self, req: Request<pb::RevokeTokenRequest>) -> Result<TResponse<pb::Empty>, Status> {
+    async fn revoke_token(
+        &self,
+        req: Request<pb::RevokeTokenRequest>,
+    ) -> Result<TResponse<pb::Empty>, Status> {
         self.0.authorize(&req, Need::Admin)?;
         let id = req.into_inner().token_id;
-        match self.0.commit(Command::RevokeToken { token_id: id.clone() }).await? {
+        match self
+            .0
+            .commit(Command::RevokeToken {
+                token_id: id.clone(),
+            })
+            .await?
+        {
             Response::NotFound => Err(Status::not_found(format!("no token with id {id}"))),
             _ => Ok(TResponse::new(pb::Empty {})),
         }
@@ -333,7 +482,14 @@ impl Admin for Svc {
 fn public_connection(c: &StoredConnection) -> pb::Connection {
     let mut p = connection_to_proto(c, BTreeMap::new());
     if !c.sealed_secrets.is_empty() {
-        p.options.insert("secrets".into(), c.sealed_secrets.keys().cloned().collect::<Vec<_>>().join(","));
+        p.options.insert(
+            "secrets".into(),
+            c.sealed_secrets
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(","),
+        );
     }
     p
 }
@@ -341,19 +497,25 @@ fn public_connection(c: &StoredConnection) -> pb::Connection {
 // ===== Audit =================================================================================
 
 fn matches(q: &pb::AuditQuery, rec: &pb::AuditRecord) -> bool {
-    let Ok(e) = Event::decode(&*rec.event) else { return false };
+    let Ok(e) = Event::decode(&*rec.event) else {
+        return false;
+    };
     (q.since_unix_nano == 0 || e.time_unix_nano >= q.since_unix_nano)
         && (q.until_unix_nano == 0 || e.time_unix_nano < q.until_unix_nano)
         && (q.identity.is_empty() || e.identity == q.identity)
         && (q.connection.is_empty() || e.connection == q.connection)
         && (q.session_id.is_empty() || e.session_id == q.session_id)
         && (q.kind.is_empty() || custos_proto::payload_kind(e.payload.as_ref()) == q.kind)
-        && (q.verdict.is_empty() || custos_core::audit::event_verdict(&e) == Some(q.verdict.as_str()))
+        && (q.verdict.is_empty()
+            || custos_core::audit::event_verdict(&e) == Some(q.verdict.as_str()))
 }
 
 #[tonic::async_trait]
 impl Audit for Svc {
-    async fn query(&self, req: Request<pb::AuditQuery>) -> Result<TResponse<pb::AuditRecords>, Status> {
+    async fn query(
+        &self,
+        req: Request<pb::AuditQuery>,
+    ) -> Result<TResponse<pb::AuditRecords>, Status> {
         self.0.authorize(&req, Need::Admin)?;
         let q = req.into_inner();
         let limit = match q.limit {
@@ -367,14 +529,25 @@ impl Audit for Svc {
             let chunk = self.0.store.audit_range(next, 2000);
             let Some(last) = chunk.last() else { break };
             next = last.seq + 1;
-            out.extend(chunk.into_iter().filter(|r| matches(&q, r)).take(limit - out.len()));
+            out.extend(
+                chunk
+                    .into_iter()
+                    .filter(|r| matches(&q, r))
+                    .take(limit - out.len()),
+            );
         }
-        Ok(TResponse::new(pb::AuditRecords { records: out, head_seq: head }))
+        Ok(TResponse::new(pb::AuditRecords {
+            records: out,
+            head_seq: head,
+        }))
     }
 
     type TailStream = Stream_<pb::AuditRecord>;
 
-    async fn tail(&self, req: Request<pb::TailRequest>) -> Result<TResponse<Self::TailStream>, Status> {
+    async fn tail(
+        &self,
+        req: Request<pb::TailRequest>,
+    ) -> Result<TResponse<Self::TailStream>, Status> {
         self.0.authorize(&req, Need::Admin)?;
         let r = req.into_inner();
         let inner = self.0.clone();
@@ -382,7 +555,11 @@ impl Audit for Svc {
         // Subscribe before reading the stored part, so nothing committed in between is missed.
         let mut live = inner.store.audit_tx.subscribe();
         let head = inner.store.audit_head().seq;
-        let mut next = if r.last > 0 { head.saturating_sub(r.last as u64) + 1 } else { r.after_seq + 1 };
+        let mut next = if r.last > 0 {
+            head.saturating_sub(r.last as u64) + 1
+        } else {
+            r.after_seq + 1
+        };
         tokio::spawn(async move {
             loop {
                 let chunk = inner.store.audit_range(next, 1000);
@@ -424,10 +601,15 @@ impl Audit for Svc {
         Ok(TResponse::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn verify(&self, req: Request<pb::VerifyRequest>) -> Result<TResponse<pb::VerifyReply>, Status> {
+    async fn verify(
+        &self,
+        req: Request<pb::VerifyRequest>,
+    ) -> Result<TResponse<pb::VerifyReply>, Status> {
         self.0.authorize(&req, Need::Admin)?;
         let store = self.0.store.clone();
-        let out = tokio::task::spawn_blocking(move || store.verify()).await.map_err(|e| Status::internal(e.to_string()))?;
+        let out = tokio::task::spawn_blocking(move || store.verify())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
         Ok(TResponse::new(pb::VerifyReply {
             ok: out.fault.is_none(),
             checked: out.checked,
@@ -460,7 +642,12 @@ impl Inner {
             revision: self.store.revision(),
             body: Some(pb::edge_sync_message::Body::Snapshot(pb::EdgeSnapshot {
                 policy: self.store.policy(0),
-                connections: self.store.connections().iter().map(|c| self.edge_connection(c)).collect(),
+                connections: self
+                    .store
+                    .connections()
+                    .iter()
+                    .map(|c| self.edge_connection(c))
+                    .collect(),
                 tokens: self.store.tokens().iter().map(token_record).collect(),
             })),
         }
@@ -483,7 +670,10 @@ fn token_record(t: &StoredToken) -> pb::TokenRecord {
 impl EdgeSync for Svc {
     type WatchStream = Stream_<pb::EdgeSyncMessage>;
 
-    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<TResponse<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        req: Request<pb::WatchRequest>,
+    ) -> Result<TResponse<Self::WatchStream>, Status> {
         let caller = self.0.authorize(&req, Need::Edge)?;
         tracing::info!(edge = %req.get_ref().edge_id, subject = %caller.subject, "edge watching configuration");
         let inner = self.0.clone();
@@ -496,17 +686,18 @@ impl EdgeSync for Svc {
                 return;
             }
             loop {
-                let (r, change) = match tokio::time::timeout(Duration::from_secs(30), changes.recv()).await {
-                    Err(_) => {
-                        if tx.is_closed() {
-                            return;
+                let (r, change) =
+                    match tokio::time::timeout(Duration::from_secs(30), changes.recv()).await {
+                        Err(_) => {
+                            if tx.is_closed() {
+                                return;
+                            }
+                            continue;
                         }
-                        continue;
-                    }
-                    Ok(Ok(c)) => c,
-                    Ok(Err(broadcast::error::RecvError::Lagged(_))) => (0, StateChange::Resync),
-                    Ok(Err(broadcast::error::RecvError::Closed)) => return,
-                };
+                        Ok(Ok(c)) => c,
+                        Ok(Err(broadcast::error::RecvError::Lagged(_))) => (0, StateChange::Resync),
+                        Ok(Err(broadcast::error::RecvError::Closed)) => return,
+                    };
                 if r != 0 && r <= rev {
                     continue;
                 }
@@ -521,10 +712,14 @@ impl EdgeSync for Svc {
                     }
                     StateChange::Policy(p) => pb::edge_change::Change::Policy(p),
                     StateChange::ConnectionUpserted(name) => match inner.store.connection(&name) {
-                        Some(c) => pb::edge_change::Change::ConnectionUpserted(inner.edge_connection(&c)),
+                        Some(c) => {
+                            pb::edge_change::Change::ConnectionUpserted(inner.edge_connection(&c))
+                        }
                         None => continue,
                     },
-                    StateChange::ConnectionDeleted(name) => pb::edge_change::Change::ConnectionDeleted(name),
+                    StateChange::ConnectionDeleted(name) => {
+                        pb::edge_change::Change::ConnectionDeleted(name)
+                    }
                     StateChange::Token(id) => match inner.store.token(&id) {
                         Some(t) => pb::edge_change::Change::Token(token_record(&t)),
                         None => continue,
@@ -533,7 +728,9 @@ impl EdgeSync for Svc {
                 rev = r;
                 let msg = pb::EdgeSyncMessage {
                     revision: r,
-                    body: Some(pb::edge_sync_message::Body::Change(pb::EdgeChange { change: Some(body) })),
+                    body: Some(pb::edge_sync_message::Body::Change(pb::EdgeChange {
+                        change: Some(body),
+                    })),
                 };
                 if tx.send(Ok(msg)).await.is_err() {
                     return;
@@ -556,10 +753,18 @@ impl Inner {
             .map(|(id, n)| pb::ClusterNode {
                 id: *id,
                 addr: n.addr.clone(),
-                role: if voters.contains(id) { "voter" } else { "learner" }.into(),
+                role: if voters.contains(id) {
+                    "voter"
+                } else {
+                    "learner"
+                }
+                .into(),
             })
             .collect();
-        let leader_addr = m.current_leader.and_then(|l| membership.get_node(&l).map(|n| n.addr.clone())).unwrap_or_default();
+        let leader_addr = m
+            .current_leader
+            .and_then(|l| membership.get_node(&l).map(|n| n.addr.clone()))
+            .unwrap_or_default();
         pb::ClusterStatus {
             node_id: self.id,
             leader_id: m.current_leader.unwrap_or(0),
@@ -577,12 +782,19 @@ impl Inner {
     async fn on_leader<T: Clone + Send + 'static>(
         &self,
         req: &Request<T>,
-        call: impl Fn(pb::cluster_client::ClusterClient<tonic::transport::Channel>, Request<T>) -> futures::future::BoxFuture<'static, Result<TResponse<pb::ClusterStatus>, Status>>,
+        call: impl Fn(
+            pb::cluster_client::ClusterClient<tonic::transport::Channel>,
+            Request<T>,
+        ) -> futures::future::BoxFuture<
+            'static,
+            Result<TResponse<pb::ClusterStatus>, Status>,
+        >,
     ) -> Result<TResponse<pb::ClusterStatus>, Status> {
         let Some((_, addr)) = self.leader() else {
             return Err(Status::unavailable("no leader elected yet; retry shortly"));
         };
-        let ch = crate::network::channel(&addr, self.client_tls.as_ref()).map_err(|e| Status::unavailable(e.to_string()))?;
+        let ch = crate::network::channel(&addr, self.client_tls.as_ref())
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         let mut fwd = Request::new(req.get_ref().clone());
         if let Some(v) = req.metadata().get("authorization") {
             fwd.metadata_mut().insert("authorization", v.clone());
@@ -593,19 +805,32 @@ impl Inner {
 
 #[tonic::async_trait]
 impl Cluster for Svc {
-    async fn status(&self, req: Request<pb::Empty>) -> Result<TResponse<pb::ClusterStatus>, Status> {
+    async fn status(
+        &self,
+        req: Request<pb::Empty>,
+    ) -> Result<TResponse<pb::ClusterStatus>, Status> {
         self.0.authorize(&req, Need::Edge)?;
         Ok(TResponse::new(self.0.status()))
     }
 
-    async fn add_node(&self, req: Request<pb::AddNodeRequest>) -> Result<TResponse<pb::ClusterStatus>, Status> {
+    async fn add_node(
+        &self,
+        req: Request<pb::AddNodeRequest>,
+    ) -> Result<TResponse<pb::ClusterStatus>, Status> {
         self.0.authorize(&req, Need::Admin)?;
         if !self.0.is_leader() {
-            return self.0.on_leader(&req, |mut c, r| Box::pin(async move { c.add_node(r).await })).await;
+            return self
+                .0
+                .on_leader(&req, |mut c, r| {
+                    Box::pin(async move { c.add_node(r).await })
+                })
+                .await;
         }
         let r = req.into_inner();
         if r.id == 0 || r.addr.is_empty() {
-            return Err(Status::invalid_argument("node id (1 or more) and address are required"));
+            return Err(Status::invalid_argument(
+                "node id (1 or more) and address are required",
+            ));
         }
         tokio::time::timeout(Duration::from_secs(120), self.0.add_node(r.id, r.addr.clone(), r.learner_only))
             .await
@@ -614,19 +839,36 @@ impl Cluster for Svc {
         Ok(TResponse::new(self.0.status()))
     }
 
-    async fn remove_node(&self, req: Request<pb::RemoveNodeRequest>) -> Result<TResponse<pb::ClusterStatus>, Status> {
+    async fn remove_node(
+        &self,
+        req: Request<pb::RemoveNodeRequest>,
+    ) -> Result<TResponse<pb::ClusterStatus>, Status> {
         self.0.authorize(&req, Need::Admin)?;
         if !self.0.is_leader() {
-            return self.0.on_leader(&req, |mut c, r| Box::pin(async move { c.remove_node(r).await })).await;
+            return self
+                .0
+                .on_leader(&req, |mut c, r| {
+                    Box::pin(async move { c.remove_node(r).await })
+                })
+                .await;
         }
-        self.0.remove_node(req.get_ref().id).await.map_err(Status::failed_precondition)?;
+        self.0
+            .remove_node(req.get_ref().id)
+            .await
+            .map_err(Status::failed_precondition)?;
         Ok(TResponse::new(self.0.status()))
     }
 
-    async fn init(&self, req: Request<pb::InitRequest>) -> Result<TResponse<pb::ClusterStatus>, Status> {
+    async fn init(
+        &self,
+        req: Request<pb::InitRequest>,
+    ) -> Result<TResponse<pb::ClusterStatus>, Status> {
         self.0.authorize(&req, Need::Admin)?;
         let mut nodes = BTreeMap::new();
-        nodes.insert(self.0.id, openraft::BasicNode::new(self.0.advertise.clone()));
+        nodes.insert(
+            self.0.id,
+            openraft::BasicNode::new(self.0.advertise.clone()),
+        );
         if let Err(e) = self.0.raft.initialize(nodes).await {
             tracing::debug!(error = %e, "init: already initialized");
         }
@@ -637,7 +879,8 @@ impl Cluster for Svc {
 // ===== Raft transport ========================================================================
 
 fn decode<T: serde::de::DeserializeOwned>(p: &pb::RaftPayload) -> Result<T, Status> {
-    bincode::deserialize(&p.data).map_err(|e| Status::invalid_argument(format!("undecodable raft payload: {e}")))
+    bincode::deserialize(&p.data)
+        .map_err(|e| Status::invalid_argument(format!("undecodable raft payload: {e}")))
 }
 
 fn encode<T: serde::Serialize>(v: &T) -> Result<TResponse<pb::RaftPayload>, Status> {
@@ -648,28 +891,46 @@ fn encode<T: serde::Serialize>(v: &T) -> Result<TResponse<pb::RaftPayload>, Stat
 
 #[tonic::async_trait]
 impl raft_server::Raft for Svc {
-    async fn append_entries(&self, req: Request<pb::RaftPayload>) -> Result<TResponse<pb::RaftPayload>, Status> {
+    async fn append_entries(
+        &self,
+        req: Request<pb::RaftPayload>,
+    ) -> Result<TResponse<pb::RaftPayload>, Status> {
         self.0.authorize(&req, Need::Cluster)?;
         let r: AppendEntriesRequest<TypeConfig> = decode(req.get_ref())?;
         encode(&self.0.raft.append_entries(r).await)
     }
 
-    async fn install_snapshot(&self, req: Request<pb::RaftPayload>) -> Result<TResponse<pb::RaftPayload>, Status> {
+    async fn install_snapshot(
+        &self,
+        req: Request<pb::RaftPayload>,
+    ) -> Result<TResponse<pb::RaftPayload>, Status> {
         self.0.authorize(&req, Need::Cluster)?;
         let r: InstallSnapshotRequest<TypeConfig> = decode(req.get_ref())?;
         encode(&self.0.raft.install_snapshot(r).await)
     }
 
-    async fn vote(&self, req: Request<pb::RaftPayload>) -> Result<TResponse<pb::RaftPayload>, Status> {
+    async fn vote(
+        &self,
+        req: Request<pb::RaftPayload>,
+    ) -> Result<TResponse<pb::RaftPayload>, Status> {
         self.0.authorize(&req, Need::Cluster)?;
         let r: VoteRequest<u64> = decode(req.get_ref())?;
         encode(&self.0.raft.vote(r).await)
     }
 
-    async fn forward(&self, req: Request<pb::RaftPayload>) -> Result<TResponse<pb::RaftPayload>, Status> {
+    async fn forward(
+        &self,
+        req: Request<pb::RaftPayload>,
+    ) -> Result<TResponse<pb::RaftPayload>, Status> {
         self.0.authorize(&req, Need::Cluster)?;
         let cmd: Command = decode(req.get_ref())?;
-        let result: Result<Response, String> = self.0.raft.client_write(cmd).await.map(|r| r.data).map_err(|e| e.to_string());
+        let result: Result<Response, String> = self
+            .0
+            .raft
+            .client_write(cmd)
+            .await
+            .map(|r| r.data)
+            .map_err(|e| e.to_string());
         encode(&result)
     }
 }

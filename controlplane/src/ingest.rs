@@ -14,6 +14,8 @@ use tokio::sync::{watch, Mutex};
 use crate::node::{items, Inner};
 use crate::types::{Command, Response};
 
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(15);
+
 pub(crate) enum Input {
     InProc(Arc<Mutex<InProcSource>>),
     Nats(NatsBus),
@@ -54,7 +56,11 @@ pub(crate) async fn run(inner: Arc<Inner>, input: Input, mut shutdown: watch::Re
 }
 
 /// Ingest while this node stays leader.
-async fn term<S: EventSource + ?Sized>(inner: &Inner, src: &mut S, shutdown: &mut watch::Receiver<bool>) {
+async fn term<S: EventSource + ?Sized>(
+    inner: &Inner,
+    src: &mut S,
+    shutdown: &mut watch::Receiver<bool>,
+) {
     let max = inner.config.bus.batch_max;
     while inner.is_leader() && !*shutdown.borrow() {
         let batch = tokio::select! {
@@ -73,13 +79,25 @@ async fn term<S: EventSource + ?Sized>(inner: &Inner, src: &mut S, shutdown: &mu
         if batch.is_empty() {
             continue;
         }
-        let cmd = Command::Ingest { committed_unix_nano: custos_core::events::now_unix_nano(), items: items(&batch) };
+        let cmd = Command::Ingest {
+            committed_unix_nano: custos_core::events::now_unix_nano(),
+            items: items(&batch),
+        };
         // Commit on this node only: if leadership moved, the new leader pulls the redelivery.
-        match inner.raft.client_write(cmd).await {
+        // Bounded: a leader cut off from its quorum must not hold the batch forever. If the entry
+        // commits after the timeout, the redelivered copies are dropped as duplicates.
+        let res = match tokio::time::timeout(COMMIT_TIMEOUT, inner.raft.client_write(cmd)).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("commit did not finish within {COMMIT_TIMEOUT:?}")),
+        };
+        match res {
             Ok(resp) => {
                 if let Response::Ingested { parked, .. } = resp.data {
                     if parked > 0 {
-                        tracing::warn!(parked, "malformed events parked (see `custos audit verify`)");
+                        tracing::warn!(
+                            parked,
+                            "malformed events parked (see `custos audit verify`)"
+                        );
                     }
                 }
                 for d in batch {

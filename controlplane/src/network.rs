@@ -5,11 +5,13 @@ use std::time::Duration;
 
 use custos_proto::v1::raft_client::RaftClient;
 use custos_proto::v1::RaftPayload;
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -58,9 +60,15 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 
     async fn new_client(&mut self, target: NodeId, node: &Node) -> Self::Network {
         let client = channel(&node.addr, self.tls.as_ref()).ok().map(|ch| {
-            RaftClient::new(ch).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE)
+            RaftClient::new(ch)
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE)
         });
-        Connection { target, client, secret: self.cluster_secret.clone() }
+        Connection {
+            target,
+            client,
+            secret: self.cluster_secret.clone(),
+        }
     }
 }
 
@@ -76,10 +84,9 @@ impl Connection {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let client = self
-            .client
-            .as_mut()
-            .ok_or_else(|| RPCError::Unreachable(Unreachable::new(&std::io::Error::other("bad peer address"))))?;
+        let client = self.client.as_mut().ok_or_else(|| {
+            RPCError::Unreachable(Unreachable::new(&std::io::Error::other("bad peer address")))
+        })?;
         let data = bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut request = tonic::Request::new(RaftPayload { data });
         request.set_timeout(timeout);
@@ -116,8 +123,10 @@ impl RaftNetwork<TypeConfig> for Connection {
         &mut self,
         req: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId, InstallSnapshotError>>>
-    {
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, Node, RaftError<NodeId, InstallSnapshotError>>,
+    > {
         self.call("snapshot", &req, option.hard_ttl()).await
     }
 

@@ -35,7 +35,11 @@ pub enum WriteError {
     #[error("no control-plane leader is elected yet (a majority of nodes must be up and connected); retry shortly and check `custos cluster status`")]
     NoLeader,
     #[error("cannot reach the leader (node {leader} at {addr}) to forward the write: {detail}; retry, or check that node")]
-    Forward { leader: NodeId, addr: String, detail: String },
+    Forward {
+        leader: NodeId,
+        addr: String,
+        detail: String,
+    },
     #[error("raft write failed: {0}")]
     Raft(String),
 }
@@ -46,7 +50,10 @@ pub enum StartError {
     #[error("cannot open the data directory {path}: {detail} (is another node using it?)")]
     Store { path: String, detail: String },
     #[error("cannot listen on {addr}: {source}; choose a free [node] listen address")]
-    Listen { addr: String, source: std::io::Error },
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Secret(#[from] custos_core::secrets::SecretError),
     #[error(transparent)]
@@ -101,23 +108,41 @@ fn read_or_create_secret(path: &std::path::Path) -> Result<String, std::io::Erro
 
 impl ControlPlane {
     /// Open the store, start Raft and the gRPC server, join or initialize the cluster.
-    pub async fn start(config: ControlPlaneConfig, input: EventInput) -> Result<ControlPlane, StartError> {
+    pub async fn start(
+        config: ControlPlaneConfig,
+        input: EventInput,
+    ) -> Result<ControlPlane, StartError> {
         std::fs::create_dir_all(&config.node.data_dir)?;
-        let secret_key = SecretKey::load_or_create(&config.data_file(&config.node.secret_key_file, "secret.key"))?;
-        let cluster_secret = read_or_create_secret(&config.data_file(&config.node.cluster_secret_file, "cluster.secret"))?;
-        let admin_token = read_or_create_secret(&config.data_file(&config.node.admin_token_file, "admin.token"))?;
+        let secret_key = SecretKey::load_or_create(
+            &config.data_file(&config.node.secret_key_file, "secret.key"),
+        )?;
+        let cluster_secret = read_or_create_secret(
+            &config.data_file(&config.node.cluster_secret_file, "cluster.secret"),
+        )?;
+        let admin_token =
+            read_or_create_secret(&config.data_file(&config.node.admin_token_file, "admin.token"))?;
         let client_tls = config.tls.client()?;
         let server_tls = config.tls.server()?;
 
         let db_dir = config.node.data_dir.join("db");
-        let (store, log_store, state_machine) = store::open(&db_dir)
-            .map_err(|e| StartError::Store { path: db_dir.display().to_string(), detail: e.to_string() })?;
+        let (store, log_store, state_machine) =
+            store::open(&db_dir).map_err(|e| StartError::Store {
+                path: db_dir.display().to_string(),
+                detail: e.to_string(),
+            })?;
 
         let listener = tokio::net::TcpListener::bind(&config.node.listen)
             .await
-            .map_err(|source| StartError::Listen { addr: config.node.listen.clone(), source })?;
+            .map_err(|source| StartError::Listen {
+                addr: config.node.listen.clone(),
+                source,
+            })?;
         let addr = listener.local_addr()?;
-        let advertise = config.node.advertise.clone().unwrap_or_else(|| addr.to_string());
+        let advertise = config
+            .node
+            .advertise
+            .clone()
+            .unwrap_or_else(|| addr.to_string());
 
         let raft_config = openraft::Config {
             cluster_name: "custos".into(),
@@ -131,10 +156,19 @@ impl ControlPlane {
         }
         .validate()
         .map_err(|e| StartError::Raft(e.to_string()))?;
-        let net = Network { cluster_secret: cluster_secret.clone(), tls: client_tls.clone() };
-        let raft = Raft::new(config.node.id, Arc::new(raft_config), net, log_store, state_machine)
-            .await
-            .map_err(|e| StartError::Raft(e.to_string()))?;
+        let net = Network {
+            cluster_secret: cluster_secret.clone(),
+            tls: client_tls.clone(),
+        };
+        let raft = Raft::new(
+            config.node.id,
+            Arc::new(raft_config),
+            net,
+            log_store,
+            state_machine,
+        )
+        .await
+        .map_err(|e| StartError::Raft(e.to_string()))?;
 
         let inner = Arc::new(Inner {
             id: config.node.id,
@@ -150,7 +184,12 @@ impl ControlPlane {
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(crate::grpc::serve(inner.clone(), listener, server_tls, shutdown_rx.clone())));
+        tasks.push(tokio::spawn(crate::grpc::serve(
+            inner.clone(),
+            listener,
+            server_tls,
+            shutdown_rx.clone(),
+        )));
 
         // A new cluster: every initial member proposes the same membership; openraft accepts the
         // first and the others are no-ops.
@@ -158,7 +197,16 @@ impl ControlPlane {
         if !members.is_empty() {
             let nodes: BTreeMap<NodeId, BasicNode> = members
                 .into_iter()
-                .map(|(id, a)| (id, BasicNode::new(if id == config.node.id { advertise.clone() } else { a })))
+                .map(|(id, a)| {
+                    (
+                        id,
+                        BasicNode::new(if id == config.node.id {
+                            advertise.clone()
+                        } else {
+                            a
+                        }),
+                    )
+                })
                 .collect();
             if let Err(e) = raft.initialize(nodes).await {
                 tracing::debug!(error = %e, "initialize skipped (already initialized)");
@@ -169,17 +217,34 @@ impl ControlPlane {
             (BusKind::None, _) | (_, EventInput::None) => {}
             (_, EventInput::InProc(src)) => {
                 let src = Arc::new(Mutex::new(src));
-                tasks.push(tokio::spawn(crate::ingest::run(inner.clone(), crate::ingest::Input::InProc(src), shutdown_rx.clone())));
+                tasks.push(tokio::spawn(crate::ingest::run(
+                    inner.clone(),
+                    crate::ingest::Input::InProc(src),
+                    shutdown_rx.clone(),
+                )));
             }
             (_, EventInput::Nats(bus)) => {
-                tasks.push(tokio::spawn(crate::ingest::run(inner.clone(), crate::ingest::Input::Nats(bus.clone()), shutdown_rx.clone())));
+                tasks.push(tokio::spawn(crate::ingest::run(
+                    inner.clone(),
+                    crate::ingest::Input::Nats(bus.clone()),
+                    shutdown_rx.clone(),
+                )));
                 if config.siem.enabled {
-                    tasks.push(tokio::spawn(crate::siem::run(inner.clone(), bus, shutdown_rx.clone())));
+                    tasks.push(tokio::spawn(crate::siem::run(
+                        inner.clone(),
+                        bus,
+                        shutdown_rx.clone(),
+                    )));
                 }
             }
         }
         tracing::info!(node = config.node.id, %addr, "control plane node started");
-        Ok(ControlPlane { inner, addr, shutdown, tasks })
+        Ok(ControlPlane {
+            inner,
+            addr,
+            shutdown,
+            tasks,
+        })
     }
 
     /// The bound gRPC address.
@@ -233,13 +298,21 @@ impl Inner {
         loop {
             let last_err = match self.raft.client_write(cmd.clone()).await {
                 Ok(resp) => return Ok(resp.data),
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => match (f.leader_id, f.leader_node) {
-                    (Some(leader), Some(node)) if leader != self.id => match self.forward(&node.addr, &cmd).await {
-                        Ok(r) => return Ok(r),
-                        Err(detail) => WriteError::Forward { leader, addr: node.addr, detail },
-                    },
-                    _ => WriteError::NoLeader,
-                },
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    match (f.leader_id, f.leader_node) {
+                        (Some(leader), Some(node)) if leader != self.id => {
+                            match self.forward(&node.addr, &cmd).await {
+                                Ok(r) => return Ok(r),
+                                Err(detail) => WriteError::Forward {
+                                    leader,
+                                    addr: node.addr,
+                                    detail,
+                                },
+                            }
+                        }
+                        _ => WriteError::NoLeader,
+                    }
+                }
                 Err(e) => WriteError::Raft(e.to_string()),
             };
             if tokio::time::Instant::now() >= deadline {
@@ -260,39 +333,75 @@ impl Inner {
         if let Ok(v) = format!("Bearer {}", self.cluster_secret).parse() {
             req.metadata_mut().insert("authorization", v);
         }
-        let reply = client.forward(req).await.map_err(|s| s.message().to_string())?;
-        let r: Result<Response, String> = bincode::deserialize(&reply.into_inner().data).map_err(|e| e.to_string())?;
+        let reply = client
+            .forward(req)
+            .await
+            .map_err(|s| s.message().to_string())?;
+        let r: Result<Response, String> =
+            bincode::deserialize(&reply.into_inner().data).map_err(|e| e.to_string())?;
         r
     }
 
     /// Add a node as a learner, wait for it to catch up, then make it a voter.
-    pub(crate) async fn add_node(&self, id: NodeId, addr: String, learner_only: bool) -> Result<(), String> {
-        self.raft.add_learner(id, BasicNode::new(addr), true).await.map_err(|e| e.to_string())?;
+    pub(crate) async fn add_node(
+        &self,
+        id: NodeId,
+        addr: String,
+        learner_only: bool,
+    ) -> Result<(), String> {
+        self.raft
+            .add_learner(id, BasicNode::new(addr), true)
+            .await
+            .map_err(|e| e.to_string())?;
         if learner_only {
             return Ok(());
         }
-        let mut voters: BTreeSet<NodeId> =
-            self.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+        let mut voters: BTreeSet<NodeId> = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
         voters.insert(id);
-        self.raft.change_membership(voters, false).await.map_err(|e| e.to_string())?;
+        self.raft
+            .change_membership(voters, false)
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(())
     }
 
     pub(crate) async fn remove_node(&self, id: NodeId) -> Result<(), String> {
-        let mut voters: BTreeSet<NodeId> =
-            self.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+        let mut voters: BTreeSet<NodeId> = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
         if !voters.remove(&id) {
             return Err(format!("node {id} is not a voter"));
         }
         if voters.is_empty() {
             return Err("cannot remove the last voter".into());
         }
-        self.raft.change_membership(voters, false).await.map_err(|e| e.to_string())?;
+        self.raft
+            .change_membership(voters, false)
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(())
     }
 }
 
 /// Ingest items from raw deliveries.
 pub(crate) fn items(deliveries: &[custos_core::bus::Delivery]) -> Vec<IngestItem> {
-    deliveries.iter().map(|d| IngestItem { data: d.data.to_vec(), bus_seq: 0 }).collect()
+    deliveries
+        .iter()
+        .map(|d| IngestItem {
+            data: d.data.to_vec(),
+            bus_seq: 0,
+        })
+        .collect()
 }

@@ -56,7 +56,10 @@ async fn last_published(stream: &mut stream::Stream) -> Result<u64, String> {
     if info.state.messages == 0 || last == 0 {
         return Ok(0);
     }
-    let msg = stream.get_raw_message(last).await.map_err(|e| e.to_string())?;
+    let msg = stream
+        .get_raw_message(last)
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(msg
         .headers
         .get("Custos-Seq")
@@ -92,7 +95,8 @@ async fn publish_while_leader(
         let mut acks = Vec::with_capacity(records.len());
         for rec in &records {
             let event = Event::decode(&*rec.event).unwrap_or_default();
-            let body = serde_json::to_vec(&custos_core::audit::ocsf_json(rec, &event)).map_err(|e| e.to_string())?;
+            let body = serde_json::to_vec(&custos_core::audit::ocsf_json(rec, &event))
+                .map_err(|e| e.to_string())?;
             let mut headers = async_nats::HeaderMap::new();
             headers.insert("Nats-Msg-Id", format!("audit-{}", rec.seq).as_str());
             headers.insert("Custos-Seq", rec.seq.to_string().as_str());

@@ -32,11 +32,16 @@ use openraft::{
     RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
 };
 use prost::Message;
-use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch,
+    WriteOptions, DB,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::types::{Command, IngestItem, Node, NodeId, Response, StoredConnection, StoredToken, TypeConfig};
+use crate::types::{
+    Command, IngestItem, Node, NodeId, Response, StoredConnection, StoredToken, TypeConfig,
+};
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
@@ -52,8 +57,15 @@ const CF_TOKENS: &str = "tokens";
 const CF_SNAPSHOT: &str = "snapshot";
 
 /// The column families whose contents make up the state machine (and so a snapshot).
-const SM_CFS: &[&str] =
-    &[CF_SM, CF_AUDIT, CF_AUDIT_IDS, CF_PARKED, CF_POLICIES, CF_CONNECTIONS, CF_TOKENS];
+const SM_CFS: &[&str] = &[
+    CF_SM,
+    CF_AUDIT,
+    CF_AUDIT_IDS,
+    CF_PARKED,
+    CF_POLICIES,
+    CF_CONNECTIONS,
+    CF_TOKENS,
+];
 
 const K_APPLIED: &[u8] = b"applied";
 const K_MEMBERSHIP: &[u8] = b"membership";
@@ -73,7 +85,11 @@ fn from_be(b: &[u8]) -> u64 {
     u64::from_be_bytes(a)
 }
 
-fn io_err(subject: ErrorSubject<NodeId>, verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+fn io_err(
+    subject: ErrorSubject<NodeId>,
+    verb: ErrorVerb,
+    e: impl std::error::Error + 'static,
+) -> StorageError<NodeId> {
     StorageIOError::new(subject, verb, AnyError::new(&e)).into()
 }
 
@@ -115,7 +131,10 @@ pub struct AuditHead {
 
 impl Default for AuditHead {
     fn default() -> Self {
-        AuditHead { seq: 0, hash: GENESIS_HASH.to_vec() }
+        AuditHead {
+            seq: 0,
+            hash: GENESIS_HASH.to_vec(),
+        }
     }
 }
 
@@ -147,11 +166,17 @@ impl Store {
         let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
         let (audit_tx, _) = broadcast::channel(16_384);
         let (changes_tx, _) = broadcast::channel(1024);
-        Ok(Arc::new(Store { db, audit_tx, changes_tx }))
+        Ok(Arc::new(Store {
+            db,
+            audit_tx,
+            changes_tx,
+        }))
     }
 
     fn cf(&self, name: &str) -> &ColumnFamily {
-        self.db.cf_handle(name).expect("column family created at open")
+        self.db
+            .cf_handle(name)
+            .expect("column family created at open")
     }
 
     fn get<T: for<'de> Deserialize<'de>>(&self, cf: &str, key: &[u8]) -> StorageResult<Option<T>> {
@@ -178,7 +203,10 @@ impl Store {
     /// Audit records with seq in `[from, ..]`, at most `limit`, in order.
     pub fn audit_range(&self, from: u64, limit: usize) -> Vec<AuditRecord> {
         let mut out = Vec::new();
-        let it = self.db.iterator_cf(self.cf(CF_AUDIT), IteratorMode::From(&be(from), Direction::Forward));
+        let it = self.db.iterator_cf(
+            self.cf(CF_AUDIT),
+            IteratorMode::From(&be(from), Direction::Forward),
+        );
         for item in it {
             let Ok((_, v)) = item else { break };
             if let Ok(r) = AuditRecord::decode(&*v) {
@@ -192,7 +220,11 @@ impl Store {
     }
 
     pub fn audit_seq_of(&self, event_id: &str) -> Option<u64> {
-        self.db.get_cf(self.cf(CF_AUDIT_IDS), event_id.as_bytes()).ok().flatten().map(|v| from_be(&v))
+        self.db
+            .get_cf(self.cf(CF_AUDIT_IDS), event_id.as_bytes())
+            .ok()
+            .flatten()
+            .map(|v| from_be(&v))
     }
 
     /// Walk the whole local chain and report the first fault.
@@ -217,7 +249,12 @@ impl Store {
                 fault = Some((seq, f.as_str()));
             }
         }
-        VerifyOutcome { checked: v.checked(), fault, head_hash: v.head_hash().to_vec(), parked: self.parked_count() }
+        VerifyOutcome {
+            checked: v.checked(),
+            fault,
+            head_hash: v.head_hash().to_vec(),
+            parked: self.parked_count(),
+        }
     }
 
     /// The parked (malformed) events: (n, JSON description).
@@ -230,8 +267,16 @@ impl Store {
     }
 
     pub fn policy(&self, version: u64) -> Option<PolicySet> {
-        let version = if version == 0 { self.get::<u64>(CF_SM, K_POLICY_VERSION).ok().flatten()? } else { version };
-        let v = self.db.get_cf(self.cf(CF_POLICIES), be(version)).ok().flatten()?;
+        let version = if version == 0 {
+            self.get::<u64>(CF_SM, K_POLICY_VERSION).ok().flatten()?
+        } else {
+            version
+        };
+        let v = self
+            .db
+            .get_cf(self.cf(CF_POLICIES), be(version))
+            .ok()
+            .flatten()?;
         PolicySet::decode(&*v).ok()
     }
 
@@ -289,8 +334,15 @@ impl LogStore {
         self.store.get(CF_RAFT, key)
     }
 
-    fn put_meta<T: Serialize>(&self, key: &[u8], v: &T, sync: bool, subject: ErrorSubject<NodeId>) -> StorageResult<()> {
-        let bytes = bincode::serialize(v).map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
+    fn put_meta<T: Serialize>(
+        &self,
+        key: &[u8],
+        v: &T,
+        sync: bool,
+        subject: ErrorSubject<NodeId>,
+    ) -> StorageResult<()> {
+        let bytes =
+            bincode::serialize(v).map_err(|e| io_err(subject.clone(), ErrorVerb::Write, e))?;
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
         self.store
@@ -311,15 +363,18 @@ impl RaftLogReader<TypeConfig> for LogStore {
             std::ops::Bound::Unbounded => 0,
         };
         let mut out = Vec::new();
-        let it = self.store.db.iterator_cf(self.store.cf(CF_LOGS), IteratorMode::From(&be(start), Direction::Forward));
+        let it = self.store.db.iterator_cf(
+            self.store.cf(CF_LOGS),
+            IteratorMode::From(&be(start), Direction::Forward),
+        );
         for item in it {
             let (k, v) = item.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
             let idx = from_be(&k);
             if !range.contains(&idx) {
                 break;
             }
-            let entry: Entry<TypeConfig> =
-                bincode::deserialize(&v).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+            let entry: Entry<TypeConfig> = bincode::deserialize(&v)
+                .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
             out.push(entry);
         }
         Ok(out)
@@ -330,17 +385,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
-        let last = match self.store.db.iterator_cf(self.store.cf(CF_LOGS), IteratorMode::End).next() {
+        let last = match self
+            .store
+            .db
+            .iterator_cf(self.store.cf(CF_LOGS), IteratorMode::End)
+            .next()
+        {
             None => None,
             Some(item) => {
                 let (_, v) = item.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
-                let e: Entry<TypeConfig> =
-                    bincode::deserialize(&v).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+                let e: Entry<TypeConfig> = bincode::deserialize(&v)
+                    .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
                 Some(e.log_id)
             }
         };
         let last_purged_log_id: Option<LogId<NodeId>> = self.meta(b"purged")?;
-        Ok(LogState { last_purged_log_id, last_log_id: last.or(last_purged_log_id) })
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id: last.or(last_purged_log_id),
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -370,13 +433,24 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut batch = WriteBatch::default();
         for entry in entries {
-            let bytes = bincode::serialize(&entry).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+            let bytes = bincode::serialize(&entry)
+                .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
             batch.put_cf(self.store.cf(CF_LOGS), be(entry.log_id.index), bytes);
         }
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
-        let res = self.store.db.write_opt(batch, &wo).map_err(std::io::Error::other);
-        let ret = res.as_ref().map(|_| ()).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, std::io::Error::other(e.to_string())));
+        let res = self
+            .store
+            .db
+            .write_opt(batch, &wo)
+            .map_err(std::io::Error::other);
+        let ret = res.as_ref().map(|_| ()).map_err(|e| {
+            io_err(
+                ErrorSubject::Logs,
+                ErrorVerb::Write,
+                std::io::Error::other(e.to_string()),
+            )
+        });
         callback.log_io_completed(res);
         ret
     }
@@ -427,7 +501,15 @@ impl StateMachine {
         StateMachine { store }
     }
 
-    fn append_audit(&self, wb: &mut WriteBatch, cur: &mut Cursor_, pending: &mut Pending, committed: i64, id: &str, data: Vec<u8>) -> bool {
+    fn append_audit(
+        &self,
+        wb: &mut WriteBatch,
+        cur: &mut Cursor_,
+        pending: &mut Pending,
+        committed: i64,
+        id: &str,
+        data: Vec<u8>,
+    ) -> bool {
         if cur.batch_ids.contains_key(id) || self.store.audit_seq_of(id).is_some() {
             return false;
         }
@@ -435,7 +517,10 @@ impl StateMachine {
         let rec = next_record(seq, committed, &cur.head.hash, id, data);
         wb.put_cf(self.store.cf(CF_AUDIT), be(seq), rec.encode_to_vec());
         wb.put_cf(self.store.cf(CF_AUDIT_IDS), id.as_bytes(), be(seq));
-        cur.head = AuditHead { seq, hash: rec.hash.clone() };
+        cur.head = AuditHead {
+            seq,
+            hash: rec.hash.clone(),
+        };
         cur.batch_ids.insert(id.to_string(), seq);
         pending.records.push(rec);
         true
@@ -453,20 +538,43 @@ impl StateMachine {
     }
 
     /// Append a control-plane event (already encoded by the proposer) to the chain.
-    fn append_own_event(&self, wb: &mut WriteBatch, cur: &mut Cursor_, pending: &mut Pending, committed: i64, event: &[u8]) {
+    fn append_own_event(
+        &self,
+        wb: &mut WriteBatch,
+        cur: &mut Cursor_,
+        pending: &mut Pending,
+        committed: i64,
+        event: &[u8],
+    ) {
         if let Ok(e) = Event::decode(event) {
             self.append_audit(wb, cur, pending, committed, &e.id, event.to_vec());
         }
     }
 
-    fn apply_command(&self, wb: &mut WriteBatch, cur: &mut Cursor_, pending: &mut Pending, cmd: Command) -> Response {
+    fn apply_command(
+        &self,
+        wb: &mut WriteBatch,
+        cur: &mut Cursor_,
+        pending: &mut Pending,
+        cmd: Command,
+    ) -> Response {
         match cmd {
-            Command::Ingest { committed_unix_nano, items } => {
+            Command::Ingest {
+                committed_unix_nano,
+                items,
+            } => {
                 let (mut appended, mut duplicates, mut parked) = (0, 0, 0);
                 for item in items {
                     match custos_core::events::decode_checked(&item.data) {
                         Ok(event) => {
-                            if self.append_audit(wb, cur, pending, committed_unix_nano, &event.id, item.data) {
+                            if self.append_audit(
+                                wb,
+                                cur,
+                                pending,
+                                committed_unix_nano,
+                                &event.id,
+                                item.data,
+                            ) {
                                 appended += 1;
                             } else {
                                 duplicates += 1;
@@ -478,11 +586,25 @@ impl StateMachine {
                         }
                     }
                 }
-                Response::Ingested { appended, duplicates, parked, head_seq: cur.head.seq }
+                Response::Ingested {
+                    appended,
+                    duplicates,
+                    parked,
+                    head_seq: cur.head.seq,
+                }
             }
-            Command::ApplyPolicy { text, description, author, expected_version, applied_unix_nano, event } => {
+            Command::ApplyPolicy {
+                text,
+                description,
+                author,
+                expected_version,
+                applied_unix_nano,
+                event,
+            } => {
                 if expected_version != 0 && expected_version != cur.policy_version {
-                    return Response::VersionConflict { current: cur.policy_version };
+                    return Response::VersionConflict {
+                        current: cur.policy_version,
+                    };
                 }
                 cur.policy_version += 1;
                 cur.revision += 1;
@@ -494,12 +616,23 @@ impl StateMachine {
                     description,
                     applied_unix_nano,
                 };
-                wb.put_cf(self.store.cf(CF_POLICIES), be(set.version), set.encode_to_vec());
+                wb.put_cf(
+                    self.store.cf(CF_POLICIES),
+                    be(set.version),
+                    set.encode_to_vec(),
+                );
                 self.append_own_event(wb, cur, pending, applied_unix_nano, &event);
-                pending.changes.push((cur.revision, StateChange::Policy(set)));
+                pending
+                    .changes
+                    .push((cur.revision, StateChange::Policy(set)));
                 Response::PolicyVersion(cur.policy_version)
             }
-            Command::PutConnection { mut conn, keep_secrets, event, committed_unix_nano } => {
+            Command::PutConnection {
+                mut conn,
+                keep_secrets,
+                event,
+                committed_unix_nano,
+            } => {
                 if keep_secrets {
                     if let Some(old) = self.store.connection(&conn.name) {
                         for (k, v) in old.sealed_secrets {
@@ -512,33 +645,55 @@ impl StateMachine {
                 let bytes = bincode::serialize(&conn).expect("StoredConnection serializes");
                 wb.put_cf(self.store.cf(CF_CONNECTIONS), conn.name.as_bytes(), bytes);
                 self.append_own_event(wb, cur, pending, committed_unix_nano, &event);
-                pending.changes.push((cur.revision, StateChange::ConnectionUpserted(conn.name)));
+                pending
+                    .changes
+                    .push((cur.revision, StateChange::ConnectionUpserted(conn.name)));
                 Response::Revision(cur.revision)
             }
-            Command::DeleteConnection { name, event, committed_unix_nano } => {
+            Command::DeleteConnection {
+                name,
+                event,
+                committed_unix_nano,
+            } => {
                 if self.store.connection(&name).is_none() {
                     return Response::NotFound;
                 }
                 cur.revision += 1;
                 wb.delete_cf(self.store.cf(CF_CONNECTIONS), name.as_bytes());
                 self.append_own_event(wb, cur, pending, committed_unix_nano, &event);
-                pending.changes.push((cur.revision, StateChange::ConnectionDeleted(name)));
+                pending
+                    .changes
+                    .push((cur.revision, StateChange::ConnectionDeleted(name)));
                 Response::Revision(cur.revision)
             }
-            Command::IssueToken { token, event, committed_unix_nano } => {
+            Command::IssueToken {
+                token,
+                event,
+                committed_unix_nano,
+            } => {
                 cur.revision += 1;
                 let bytes = bincode::serialize(&token).expect("StoredToken serializes");
                 wb.put_cf(self.store.cf(CF_TOKENS), token.token_id.as_bytes(), bytes);
                 self.append_own_event(wb, cur, pending, committed_unix_nano, &event);
-                pending.changes.push((cur.revision, StateChange::Token(token.token_id)));
+                pending
+                    .changes
+                    .push((cur.revision, StateChange::Token(token.token_id)));
                 Response::Revision(cur.revision)
             }
             Command::RevokeToken { token_id } => {
-                let Some(mut t) = self.store.token(&token_id) else { return Response::NotFound };
+                let Some(mut t) = self.store.token(&token_id) else {
+                    return Response::NotFound;
+                };
                 t.revoked = true;
                 cur.revision += 1;
-                wb.put_cf(self.store.cf(CF_TOKENS), token_id.as_bytes(), bincode::serialize(&t).expect("serializes"));
-                pending.changes.push((cur.revision, StateChange::Token(token_id)));
+                wb.put_cf(
+                    self.store.cf(CF_TOKENS),
+                    token_id.as_bytes(),
+                    bincode::serialize(&t).expect("serializes"),
+                );
+                pending
+                    .changes
+                    .push((cur.revision, StateChange::Token(token_id)));
                 Response::Revision(cur.revision)
             }
         }
@@ -547,8 +702,13 @@ impl StateMachine {
     fn snapshot_data(&self) -> StorageResult<Vec<u8>> {
         let mut all: Vec<(u8, Vec<u8>, Vec<u8>)> = Vec::new();
         for (i, cf) in SM_CFS.iter().enumerate() {
-            for item in self.store.db.iterator_cf(self.store.cf(cf), IteratorMode::Start) {
-                let (k, v) = item.map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))?;
+            for item in self
+                .store
+                .db
+                .iterator_cf(self.store.cf(cf), IteratorMode::Start)
+            {
+                let (k, v) =
+                    item.map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))?;
                 all.push((i as u8, k.to_vec(), v.to_vec()));
             }
         }
@@ -562,7 +722,13 @@ impl StateMachine {
         self.store
             .db
             .put_cf_opt(self.store.cf(CF_SNAPSHOT), b"current", bytes, &wo)
-            .map_err(|e| io_err(ErrorSubject::Snapshot(Some(snap.meta.signature())), ErrorVerb::Write, e))
+            .map_err(|e| {
+                io_err(
+                    ErrorSubject::Snapshot(Some(snap.meta.signature())),
+                    ErrorVerb::Write,
+                    e,
+                )
+            })
     }
 }
 
@@ -573,21 +739,41 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let (applied, membership) = self.applied_state().await?;
         let data = self.snapshot_data()?;
         let snapshot_id = match applied {
-            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, custos_core::events::now_unix_nano()),
+            Some(l) => format!(
+                "{}-{}-{}",
+                l.leader_id,
+                l.index,
+                custos_core::events::now_unix_nano()
+            ),
             None => format!("--{}", custos_core::events::now_unix_nano()),
         };
-        let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
-        let stored = StoredSnapshot { meta: meta.clone(), data };
+        let meta = SnapshotMeta {
+            last_log_id: applied,
+            last_membership: membership,
+            snapshot_id,
+        };
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        };
         self.put_snapshot(&stored)?;
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(stored.data)) })
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(stored.data)),
+        })
     }
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = Self;
 
-    async fn applied_state(&mut self) -> StorageResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, Node>)> {
-        let applied: Option<LogId<NodeId>> = self.store.get::<Option<LogId<NodeId>>>(CF_SM, K_APPLIED)?.flatten();
+    async fn applied_state(
+        &mut self,
+    ) -> StorageResult<(Option<LogId<NodeId>>, StoredMembership<NodeId, Node>)> {
+        let applied: Option<LogId<NodeId>> = self
+            .store
+            .get::<Option<LogId<NodeId>>>(CF_SM, K_APPLIED)?
+            .flatten();
         let membership = self.store.get(CF_SM, K_MEMBERSHIP)?.unwrap_or_default();
         Ok((applied, membership))
     }
@@ -613,7 +799,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             last_applied = Some(entry.log_id);
             match entry.payload {
                 EntryPayload::Blank => replies.push(Response::None),
-                EntryPayload::Normal(cmd) => replies.push(self.apply_command(&mut wb, &mut cur, &mut pending, cmd)),
+                EntryPayload::Normal(cmd) => {
+                    replies.push(self.apply_command(&mut wb, &mut cur, &mut pending, cmd))
+                }
                 EntryPayload::Membership(m) => {
                     membership = Some(StoredMembership::new(Some(entry.log_id), m));
                     replies.push(Response::None);
@@ -629,7 +817,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         wb.put_cf(sm, K_REVISION, ser(&cur.revision));
         wb.put_cf(sm, K_PARKED, ser(&cur.parked));
         wb.put_cf(sm, K_POLICY_VERSION, ser(&cur.policy_version));
-        self.store.db.write(wb).map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+        self.store
+            .db
+            .write(wb)
+            .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
         for rec in pending.records {
             let _ = self.store.audit_tx.send(rec);
         }
@@ -647,42 +838,78 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta<NodeId, Node>, snapshot: Box<Cursor<Vec<u8>>>) -> StorageResult<()> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, Node>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> StorageResult<()> {
         let data = snapshot.into_inner();
-        let all: Vec<(u8, Vec<u8>, Vec<u8>)> = bincode::deserialize(&data)
-            .map_err(|e| io_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Read, e))?;
+        let all: Vec<(u8, Vec<u8>, Vec<u8>)> = bincode::deserialize(&data).map_err(|e| {
+            io_err(
+                ErrorSubject::Snapshot(Some(meta.signature())),
+                ErrorVerb::Read,
+                e,
+            )
+        })?;
         let mut wb = WriteBatch::default();
         for cf in SM_CFS {
             let h = self.store.cf(cf);
             for item in self.store.db.iterator_cf(h, IteratorMode::Start) {
-                let (k, _) = item.map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))?;
+                let (k, _) =
+                    item.map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))?;
                 wb.delete_cf(h, k);
             }
         }
         for (i, k, v) in all {
-            let Some(cf) = SM_CFS.get(i as usize) else { continue };
+            let Some(cf) = SM_CFS.get(i as usize) else {
+                continue;
+            };
             wb.put_cf(self.store.cf(cf), k, v);
         }
         // The snapshot's own applied/membership are authoritative.
         let sm = self.store.cf(CF_SM);
-        wb.put_cf(sm, K_APPLIED, bincode::serialize(&meta.last_log_id).map_err(write_err)?);
-        wb.put_cf(sm, K_MEMBERSHIP, bincode::serialize(&meta.last_membership).map_err(write_err)?);
-        self.store.db.write(wb).map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
-        self.put_snapshot(&StoredSnapshot { meta: meta.clone(), data })?;
-        let _ = self.store.changes_tx.send((self.store.revision(), StateChange::Resync));
+        wb.put_cf(
+            sm,
+            K_APPLIED,
+            bincode::serialize(&meta.last_log_id).map_err(write_err)?,
+        );
+        wb.put_cf(
+            sm,
+            K_MEMBERSHIP,
+            bincode::serialize(&meta.last_membership).map_err(write_err)?,
+        );
+        self.store
+            .db
+            .write(wb)
+            .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+        self.put_snapshot(&StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        })?;
+        let _ = self
+            .store
+            .changes_tx
+            .send((self.store.revision(), StateChange::Resync));
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
         let snap: Option<StoredSnapshot> = self.store.get(CF_SNAPSHOT, b"current")?;
-        Ok(snap.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+        Ok(snap.map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.data)),
+        }))
     }
 }
 
 /// Open a store and return the two halves openraft needs.
 pub fn open(dir: &Path) -> Result<(Arc<Store>, LogStore, StateMachine), rocksdb::Error> {
     let store = Store::open(dir)?;
-    Ok((store.clone(), LogStore::new(store.clone()), StateMachine::new(store)))
+    Ok((
+        store.clone(),
+        LogStore::new(store.clone()),
+        StateMachine::new(store),
+    ))
 }
 
 /// bincode of plain data (cannot fail for the types stored here).
@@ -691,7 +918,10 @@ fn ser<T: Serialize>(v: &T) -> Vec<u8> {
 }
 
 /// Convert stored connections to the EdgeSync / admin wire form.
-pub fn connection_to_proto(c: &StoredConnection, secrets: BTreeMap<String, String>) -> custos_proto::v1::Connection {
+pub fn connection_to_proto(
+    c: &StoredConnection,
+    secrets: BTreeMap<String, String>,
+) -> custos_proto::v1::Connection {
     custos_proto::v1::Connection {
         name: c.name.clone(),
         kind: c.kind.clone(),

@@ -29,7 +29,11 @@ pub struct TlsError {
 }
 
 fn read(field: &'static str, p: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(p).map_err(|source| TlsError { field, path: p.display().to_string(), source })
+    std::fs::read(p).map_err(|source| TlsError {
+        field,
+        path: p.display().to_string(),
+        source,
+    })
 }
 
 impl TlsConfig {
@@ -38,8 +42,11 @@ impl TlsConfig {
     }
 
     pub fn server(&self) -> Result<Option<ServerTlsConfig>, TlsError> {
-        let (Some(cert), Some(key)) = (&self.cert, &self.key) else { return Ok(None) };
-        let mut cfg = ServerTlsConfig::new().identity(Identity::from_pem(read("cert", cert)?, read("key", key)?));
+        let (Some(cert), Some(key)) = (&self.cert, &self.key) else {
+            return Ok(None);
+        };
+        let mut cfg = ServerTlsConfig::new()
+            .identity(Identity::from_pem(read("cert", cert)?, read("key", key)?));
         if let Some(ca) = &self.ca {
             cfg = cfg.client_ca_root(Certificate::from_pem(read("ca", ca)?));
         }

@@ -60,7 +60,10 @@ pub struct StoredToken {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Command {
     /// Append bus events to the canonical audit log (deduplicated by event id).
-    Ingest { committed_unix_nano: i64, items: Vec<IngestItem> },
+    Ingest {
+        committed_unix_nano: i64,
+        items: Vec<IngestItem>,
+    },
     /// Store a new policy version. `event` is the PolicyApplied event for the audit log.
     ApplyPolicy {
         text: String,
@@ -71,10 +74,25 @@ pub enum Command {
         event: Vec<u8>,
     },
     /// Create or replace a connection. `keep_secrets`: keep stored credentials not given here.
-    PutConnection { conn: StoredConnection, keep_secrets: bool, event: Vec<u8>, committed_unix_nano: i64 },
-    DeleteConnection { name: String, event: Vec<u8>, committed_unix_nano: i64 },
-    IssueToken { token: StoredToken, event: Vec<u8>, committed_unix_nano: i64 },
-    RevokeToken { token_id: String },
+    PutConnection {
+        conn: StoredConnection,
+        keep_secrets: bool,
+        event: Vec<u8>,
+        committed_unix_nano: i64,
+    },
+    DeleteConnection {
+        name: String,
+        event: Vec<u8>,
+        committed_unix_nano: i64,
+    },
+    IssueToken {
+        token: StoredToken,
+        event: Vec<u8>,
+        committed_unix_nano: i64,
+    },
+    RevokeToken {
+        token_id: String,
+    },
 }
 
 /// What applying a command produced.
@@ -82,10 +100,17 @@ pub enum Command {
 pub enum Response {
     #[default]
     None,
-    Ingested { appended: u64, duplicates: u64, parked: u64, head_seq: u64 },
+    Ingested {
+        appended: u64,
+        duplicates: u64,
+        parked: u64,
+        head_seq: u64,
+    },
     PolicyVersion(u64),
     /// The optimistic-concurrency check of ApplyPolicy failed.
-    VersionConflict { current: u64 },
+    VersionConflict {
+        current: u64,
+    },
     Revision(u64),
     NotFound,
 }

@@ -100,7 +100,11 @@ pub struct ChainVerifier {
 
 impl Default for ChainVerifier {
     fn default() -> Self {
-        ChainVerifier { expected_seq: 1, prev_hash: GENESIS_HASH.to_vec(), ids: HashSet::new() }
+        ChainVerifier {
+            expected_seq: 1,
+            prev_hash: GENESIS_HASH.to_vec(),
+            ids: HashSet::new(),
+        }
     }
 }
 
@@ -125,8 +129,7 @@ impl ChainVerifier {
         if key_seq != self.expected_seq {
             return Err((self.expected_seq, ChainFault::Missing));
         }
-        let record =
-            AuditRecord::decode(bytes).map_err(|_| (key_seq, ChainFault::Undecodable))?;
+        let record = AuditRecord::decode(bytes).map_err(|_| (key_seq, ChainFault::Undecodable))?;
         self.push(&record)
     }
 
@@ -189,9 +192,13 @@ fn ocsf_class(event: &Event) -> (u32, &'static str, u32, &'static str, u32) {
     // (class_uid, class_name, activity_id, activity_name, status_id 1=success 2=failure 0=unknown)
     match &event.payload {
         Some(Payload::SessionStarted(_)) => (3002, "Authentication", 1, "Logon", 1),
-        Some(Payload::SessionEnded(e)) => {
-            (3002, "Authentication", 2, "Logoff", if e.error.is_empty() { 1 } else { 2 })
-        }
+        Some(Payload::SessionEnded(e)) => (
+            3002,
+            "Authentication",
+            2,
+            "Logoff",
+            if e.error.is_empty() { 1 } else { 2 },
+        ),
         Some(Payload::CommandReceived(c)) => {
             let status = match Verdict::try_from(c.verdict).unwrap_or(Verdict::Unspecified) {
                 Verdict::Allow | Verdict::Approved => 1,
@@ -200,15 +207,23 @@ fn ocsf_class(event: &Event) -> (u32, &'static str, u32, &'static str, u32) {
             };
             (6005, "Datastore Activity", 4, "Query", status)
         }
-        Some(Payload::CommandCompleted(c)) => {
-            (6005, "Datastore Activity", 4, "Query", if c.error.is_empty() { 1 } else { 2 })
-        }
+        Some(Payload::CommandCompleted(c)) => (
+            6005,
+            "Datastore Activity",
+            4,
+            "Query",
+            if c.error.is_empty() { 1 } else { 2 },
+        ),
         Some(Payload::ApprovalRequested(_)) => (3003, "Authorize Session", 99, "Other", 0),
         Some(Payload::ApprovalDecided(d)) => (
             3003,
             "Authorize Session",
             if d.state == "approved" { 1 } else { 99 },
-            if d.state == "approved" { "Assign Privileges" } else { "Other" },
+            if d.state == "approved" {
+                "Assign Privileges"
+            } else {
+                "Other"
+            },
             if d.state == "approved" { 1 } else { 2 },
         ),
         Some(Payload::PolicyApplied(_)) => (3004, "Entity Management", 3, "Update", 1),
@@ -275,7 +290,13 @@ mod tests {
         let mut prev = GENESIS_HASH.to_vec();
         (1..=n)
             .map(|seq| {
-                let r = next_record(seq, 1000 + seq as i64, &prev, &format!("id-{seq}"), vec![seq as u8; 8]);
+                let r = next_record(
+                    seq,
+                    1000 + seq as i64,
+                    &prev,
+                    &format!("id-{seq}"),
+                    vec![seq as u8; 8],
+                );
                 prev = r.hash.clone();
                 r
             })
@@ -309,13 +330,25 @@ mod tests {
         let mut rehashed = chain(10);
         rehashed[2].event[0] ^= 1;
         let r = &rehashed[2];
-        rehashed[2].hash =
-            record_hash(r.seq, r.committed_unix_nano, &r.prev_hash, &r.event_id, &r.event).to_vec();
+        rehashed[2].hash = record_hash(
+            r.seq,
+            r.committed_unix_nano,
+            &r.prev_hash,
+            &r.event_id,
+            &r.event,
+        )
+        .to_vec();
         assert_eq!(verify(&rehashed), Err((4, ChainFault::ChainBroken)));
 
         let mut dup = chain(3);
         let r = &dup[2];
-        dup[2] = next_record(3, r.committed_unix_nano, &r.prev_hash, "id-1", r.event.clone());
+        dup[2] = next_record(
+            3,
+            r.committed_unix_nano,
+            &r.prev_hash,
+            "id-1",
+            r.event.clone(),
+        );
         assert_eq!(verify(&dup), Err((3, ChainFault::DuplicateId)));
 
         let v = ChainVerifier::new();
@@ -327,8 +360,14 @@ mod tests {
         let records = chain(2);
         let mut v = ChainVerifier::new();
         v.push_raw(1, &records[0].encode_to_vec()).unwrap();
-        assert_eq!(v.push_raw(3, &records[1].encode_to_vec()), Err((2, ChainFault::Missing)));
-        assert_eq!(v.push_raw(2, b"\xff\xff"), Err((2, ChainFault::Undecodable)));
+        assert_eq!(
+            v.push_raw(3, &records[1].encode_to_vec()),
+            Err((2, ChainFault::Missing))
+        );
+        assert_eq!(
+            v.push_raw(2, b"\xff\xff"),
+            Err((2, ChainFault::Undecodable))
+        );
     }
 
     #[test]
@@ -345,17 +384,29 @@ mod tests {
             })),
             ..Default::default()
         };
-        let rec = next_record(1, 7_000_000, &GENESIS_HASH, &event.id, event.encode_to_vec());
+        let rec = next_record(
+            1,
+            7_000_000,
+            &GENESIS_HASH,
+            &event.id,
+            event.encode_to_vec(),
+        );
         let j = ocsf_json(&rec, &event);
         assert_eq!(j["class_uid"], 6005);
         assert_eq!(j["type_uid"], 600504);
         assert_eq!(j["status"], "Failure");
         assert_eq!(j["time"], 5);
         assert_eq!(j["actor"]["user"]["name"], "alice");
-        assert_eq!(j["unmapped"]["custos"]["event"]["payload"]["command_received"]["text"], "DROP TABLE x");
+        assert_eq!(
+            j["unmapped"]["custos"]["event"]["payload"]["command_received"]["text"],
+            "DROP TABLE x"
+        );
         assert_eq!(event_verdict(&event), Some("deny"));
 
-        let s = Event { payload: Some(Payload::SessionStarted(SessionStarted::default())), ..Default::default() };
+        let s = Event {
+            payload: Some(Payload::SessionStarted(SessionStarted::default())),
+            ..Default::default()
+        };
         assert_eq!(ocsf_json(&rec, &s)["class_uid"], 3002);
     }
 }

@@ -4,9 +4,7 @@ use custos_proto::v1::{event::Payload, Event};
 
 /// Nanoseconds since the Unix epoch, now.
 pub fn now_unix_nano() -> i64 {
-    chrono::Utc::now()
-        .timestamp_nanos_opt()
-        .unwrap_or(i64::MAX)
+    chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX)
 }
 
 /// A fresh UUIDv7 in canonical text form (time-ordered, so ids sort roughly by creation).
@@ -83,9 +81,18 @@ mod tests {
 
     #[test]
     fn malformed_events_are_named() {
-        assert!(matches!(decode_checked(b"\xff\xff\xff"), Err(EventError::Undecodable(_))));
-        let no_payload = Event { id: new_id(), ..Default::default() };
-        assert!(matches!(decode_checked(&no_payload.encode_to_vec()), Err(EventError::NoPayload(_))));
+        assert!(matches!(
+            decode_checked(b"\xff\xff\xff"),
+            Err(EventError::Undecodable(_))
+        ));
+        let no_payload = Event {
+            id: new_id(),
+            ..Default::default()
+        };
+        assert!(matches!(
+            decode_checked(&no_payload.encode_to_vec()),
+            Err(EventError::NoPayload(_))
+        ));
         let bad_id = Event {
             id: "not-a-uuid".into(),
             payload: Some(Payload::SessionStarted(SessionStarted::default())),

@@ -27,6 +27,17 @@
 //! An empty text (or one holding only comments) is valid and holds 0 policies: Cedar denies
 //! everything that no policy permits.
 //!
+//! # Other rules
+//!
+//! - Policy templates (`?principal`, `?resource`) are rejected: custos never links them, so they
+//!   would never match.
+//! - Expressions may nest at most about [`MAX_NESTING`] levels (brackets count
+//!   4). Cedar's parser recurses without a guard (a deep enough text overflows the stack and
+//!   aborts the process), and its typechecker, when its stack runs low, stops *without reporting
+//!   an error*, so a typo deep in a long expression would pass. [`validate`] therefore rejects
+//!   deeper text before Cedar sees it and runs Cedar on its own thread with a 64 MiB stack.
+//! - Problems carry 1-based lines and columns; columns count characters, not bytes.
+//!
 //! The schema is described for policy authors in `docs/policy-schema.md`.
 
 use std::fmt;
@@ -34,9 +45,7 @@ use std::str::FromStr;
 use std::sync::OnceLock;
 
 use cedar_policy::ffi::DetailedError;
-use cedar_policy::{
-    PolicyId, PolicySet, Schema, ValidationMode, ValidationWarning, Validator,
-};
+use cedar_policy::{PolicyId, PolicySet, Schema, ValidationMode, ValidationWarning, Validator};
 
 /// The Cedar schema (human-readable `.cedarschema` syntax) in namespace `Custos`.
 ///
@@ -267,10 +276,7 @@ pub fn is_valid_action(name: &str) -> bool {
 pub fn schema() -> &'static Schema {
     static SCHEMA_CELL: OnceLock<Schema> = OnceLock::new();
     SCHEMA_CELL.get_or_init(|| {
-        #[expect(
-            clippy::expect_used,
-            reason = "the built-in schema is a constant; the `schema_parses` test proves it parses"
-        )]
+        // The built-in schema is a constant; the `schema_parses` test proves it parses.
         let (schema, _warnings) =
             Schema::from_cedarschema_str(SCHEMA).expect("the built-in custos Cedar schema parses");
         schema
@@ -283,8 +289,8 @@ fn validator() -> &'static Validator {
 }
 
 /// One problem in a policy text: where Cedar points (1-based line and column; the column counts
-/// characters, not bytes) and what is wrong (Cedar's message, then its help text in parentheses
-/// when it has one). A problem Cedar gives no location for points at line 1, column 1.
+/// characters, not bytes) and what is wrong (Cedar's message, then in parentheses its label, e.g.
+/// "expected `,`", and its help text when it has them). A problem Cedar gives no location for points at line 1, column 1.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyProblem {
     pub line: usize,
@@ -396,10 +402,7 @@ fn validate_on_this_thread(text: &str) -> Result<ValidatedPolicies, PolicyErrors
     // Templates (`?principal`/`?resource` slots) are never instantiated by custos, so a template
     // would be a rule that never matches.
     if parsed.templates().next().is_some() {
-        let slots: Vec<&Mark> = marks
-            .iter()
-            .filter(|m| m.kind == MarkKind::Slot)
-            .collect();
+        let slots: Vec<&Mark> = marks.iter().filter(|m| m.kind == MarkKind::Slot).collect();
         if slots.is_empty() {
             problems.push(problem_at(text, None, TEMPLATE_MESSAGE.to_string()));
         }
@@ -435,7 +438,7 @@ fn validate_on_this_thread(text: &str) -> Result<ValidatedPolicies, PolicyErrors
         }
     };
 
-    // (id, offset of its `@id`, human description)
+    // (final id, offset of its `@id` when it has one)
     let mut ids: Vec<(String, Option<usize>)> = Vec::with_capacity(policies.len());
     let mut k = 0;
     for p in &policies {
@@ -455,11 +458,12 @@ fn validate_on_this_thread(text: &str) -> Result<ValidatedPolicies, PolicyErrors
             None => ids.push((p.id().to_string(), None)),
         }
     }
+    let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     for (i, (id, offset)) in ids.iter().enumerate() {
         if id.trim().is_empty() {
             continue;
         }
-        if let Some(j) = ids[..i].iter().position(|(other, _)| other == id) {
+        if let Some(&j) = seen.get(id.as_str()) {
             let first = describe_policy(text, j, ids[j].1);
             let second = describe_policy(text, i, *offset);
             problems.push(problem_at(
@@ -469,6 +473,8 @@ fn validate_on_this_thread(text: &str) -> Result<ValidatedPolicies, PolicyErrors
                     "duplicate policy id `{id}`: used by {first} and by {second}; policy ids must be unique"
                 ),
             ));
+        } else {
+            seen.insert(id, i);
         }
     }
 
@@ -505,8 +511,9 @@ fn validate_on_this_thread(text: &str) -> Result<ValidatedPolicies, PolicyErrors
     let mut warnings = Vec::new();
     // One "can never apply" problem per policy, and none for a policy that already has an error
     // (an unknown action or type also makes the policy impossible).
-    let (mut fatal, other): (Vec<&ValidationWarning>, Vec<&ValidationWarning>) =
-        result.validation_warnings().partition(|w| warning_is_fatal(w));
+    let (mut fatal, other): (Vec<&ValidationWarning>, Vec<&ValidationWarning>) = result
+        .validation_warnings()
+        .partition(|w| warning_is_fatal(w));
     fatal.sort_by_key(|w| !matches!(w, ValidationWarning::InvalidActionApplication(_)));
     for w in fatal {
         if !failed.contains(&w.policy_id()) {
@@ -571,39 +578,53 @@ const ACTION_MARK: &str = " for Custos::Action::\"";
 /// (e.g. `context.tables` in a policy whose `action` is unconstrained fails for every non-SQL
 /// action). Fold such errors at one place into one problem that lists the actions.
 fn merge_per_action(problems: Vec<PolicyProblem>) -> Vec<PolicyProblem> {
-    // (line, column, message without the action and help) -> (first problem, actions)
-    let mut groups: Vec<((usize, usize, String), PolicyProblem, Vec<String>)> = Vec::new();
+    struct Group {
+        /// The message without the action and the help text (empty when not per-action).
+        key: String,
+        first: PolicyProblem,
+        actions: Vec<String>,
+    }
+    let mut groups: Vec<Group> = Vec::new();
     for problem in problems {
         let Some((key, action)) = split_action(&problem.message) else {
-            groups.push((
-                (problem.line, problem.column, problem.message.clone()),
-                problem,
-                Vec::new(),
-            ));
+            groups.push(Group {
+                key: String::new(),
+                first: problem,
+                actions: Vec::new(),
+            });
             continue;
         };
-        let key = (problem.line, problem.column, key);
-        match groups.iter_mut().find(|(k, _, actions)| *k == key && !actions.is_empty()) {
-            Some((_, _, actions)) => actions.push(action),
-            None => groups.push((key, problem, vec![action])),
+        let same = |g: &&mut Group| {
+            !g.actions.is_empty()
+                && g.key == key
+                && (g.first.line, g.first.column) == (problem.line, problem.column)
+        };
+        match groups.iter_mut().find(same) {
+            Some(group) => group.actions.push(action),
+            None => groups.push(Group {
+                key,
+                first: problem,
+                actions: vec![action],
+            }),
         }
     }
     groups
         .into_iter()
-        .map(|((line, column, key), problem, mut actions)| {
-            if actions.len() < 2 {
-                return problem;
+        .map(|mut g| {
+            if g.actions.len() < 2 {
+                return g.first;
             }
-            actions.sort();
-            actions.dedup();
-            let shown = actions.iter().take(6).cloned().collect::<Vec<_>>().join(", ");
-            let more = if actions.len() > 6 { ", ..." } else { "" };
+            g.actions.sort();
+            g.actions.dedup();
+            let shown = g.actions.iter().take(6).cloned().collect::<Vec<_>>().join(", ");
+            let more = if g.actions.len() > 6 { ", ..." } else { "" };
             PolicyProblem {
-                line,
-                column,
+                line: g.first.line,
+                column: g.first.column,
                 message: format!(
-                    "{key} for {} actions ({shown}{more}) (help: a condition that reads a context attribute must restrict `action` to actions whose context has it, e.g. `action in Custos::Action::\"sql:all\"`)",
-                    actions.len()
+                    "{} for {} actions ({shown}{more}) (help: a condition that reads a context attribute must restrict `action` to actions whose context has it, e.g. `action in Custos::Action::\"sql:all\"`)",
+                    g.key,
+                    g.actions.len()
                 ),
             }
         })
@@ -626,6 +647,18 @@ fn split_action(message: &str) -> Option<(String, String)> {
 fn problem_from(text: &str, e: &DetailedError) -> PolicyProblem {
     let offset = first_offset(e);
     let mut message = one_line(&e.message);
+    // the primary label says e.g. "expected `,`" for a parse error
+    if let Some(label) = e
+        .source_locations
+        .first()
+        .and_then(|l| l.label.as_deref())
+        .map(one_line)
+        .filter(|l| !l.is_empty() && !message.contains(l.as_str()))
+    {
+        message.push_str(" (");
+        message.push_str(&label);
+        message.push(')');
+    }
     if let Some(help) = e.help.as_deref().map(one_line).filter(|h| !h.is_empty()) {
         message.push_str(" (help: ");
         message.push_str(&help);
@@ -833,7 +866,10 @@ fn check_nesting(text: &str) -> Option<PolicyProblem> {
         let (offset, what) = match group_depth(policy, &mut pos, 0) {
             Ok(depth) if depth <= MAX_NESTING => continue,
             Ok(depth) => (start, format!("about {depth} levels")),
-            Err(offset) => (offset, format!("more than {} brackets", MAX_NESTING / BRACKET_WEIGHT)),
+            Err(offset) => (
+                offset,
+                format!("more than {} brackets", MAX_NESTING / BRACKET_WEIGHT),
+            ),
         };
         return Some(problem_at(
             text,
@@ -984,7 +1020,10 @@ when { context.tool == "delete_repo" || context.arguments like "*\"force\": true
 
     fn errors(text: &str) -> Vec<PolicyProblem> {
         match validate(text) {
-            Ok(v) => panic!("expected errors, got {} valid policies: {:?}", v.count, v.ids),
+            Ok(v) => panic!(
+                "expected errors, got {} valid policies: {:?}",
+                v.count, v.ids
+            ),
             Err(e) => e.problems,
         }
     }
@@ -1005,7 +1044,10 @@ when { context.tool == "delete_repo" || context.arguments like "*\"force\": true
             .map(|a| a.id().unescaped().to_string())
             .collect();
         for name in ACTIONS.iter().chain(ACTION_GROUPS) {
-            assert!(ids.iter().any(|id| id == name), "{name} missing from schema");
+            assert!(
+                ids.iter().any(|id| id == name),
+                "{name} missing from schema"
+            );
         }
         assert_eq!(ids.len(), ACTIONS.len() + ACTION_GROUPS.len(), "{ids:?}");
         for name in ACTIONS {
@@ -1018,7 +1060,8 @@ when { context.tool == "delete_repo" || context.arguments like "*\"force\": true
         }
         for name in ACTION_GROUPS {
             assert!(!is_valid_action(name));
-            let text = format!("permit(principal, action in Custos::Action::\"{name}\", resource);");
+            let text =
+                format!("permit(principal, action in Custos::Action::\"{name}\", resource);");
             validate(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
         }
         assert!(!is_valid_action("sql:selct"));
@@ -1088,6 +1131,80 @@ when { context.tool == "delete_repo" || context.arguments like "*\"force\": true
         assert!(v.set.policy(&PolicyId::new("no-drop-truncate")).is_some());
     }
 
+    /// The validated set works with Cedar's authorizer against the schema, and the `@id`s are the
+    /// policy ids a response names.
+    #[test]
+    fn validated_set_authorizes_and_names_ids() {
+        use cedar_policy::{Authorizer, Context, Decision, Entities, EntityUid, Request};
+        use serde_json::json;
+
+        let v = validate(REALISTIC).unwrap_or_else(|e| panic!("{e}"));
+        let entities = Entities::from_json_value(
+            json!([
+                {"uid": {"type": "Custos::Identity", "id": "bot"}, "attrs": {"kind": "agent"},
+                 "parents": [{"type": "Custos::Group", "id": "agents"}]},
+                {"uid": {"type": "Custos::Group", "id": "agents"}, "attrs": {}, "parents": []},
+                {"uid": {"type": "Custos::Connection", "id": "prod-db"},
+                 "attrs": {"kind": "postgres", "environment": "production"}, "parents": []},
+            ]),
+            Some(schema()),
+        )
+        .unwrap();
+        let uid = |s: &str| EntityUid::from_str(s).unwrap();
+        let sql = |action: &str, has_where: bool, functions: &[&str]| {
+            let action = uid(&format!("Custos::Action::\"{action}\""));
+            let context = Context::from_json_value(
+                json!({
+                    "tables": ["public.users"],
+                    "functions": functions,
+                    "has_where": has_where,
+                    "text": "…",
+                    "statement_kind": "select",
+                }),
+                Some((schema(), &action)),
+            )
+            .unwrap();
+            let request = Request::new(
+                uid("Custos::Identity::\"bot\""),
+                action,
+                uid("Custos::Connection::\"prod-db\""),
+                context,
+                Some(schema()),
+            )
+            .unwrap();
+            let response = Authorizer::new().is_authorized(&request, &v.set, &entities);
+            assert_eq!(response.diagnostics().errors().count(), 0);
+            let mut reasons: Vec<String> = response
+                .diagnostics()
+                .reason()
+                .map(ToString::to_string)
+                .collect();
+            reasons.sort();
+            (response.decision(), reasons)
+        };
+        assert_eq!(
+            sql("sql:select", false, &[]),
+            (Decision::Allow, vec!["agents-read".to_string()])
+        );
+        assert_eq!(
+            sql("sql:select", false, &["pg_read_file"]),
+            (Decision::Deny, vec!["no-pg-read-file".to_string()])
+        );
+        assert_eq!(
+            sql("sql:update", true, &[]),
+            (Decision::Allow, vec!["prod-writes-need-dba".to_string()])
+        );
+        assert_eq!(
+            sql("sql:delete", false, &[]),
+            (Decision::Deny, vec!["no-unbounded-delete".to_string()])
+        );
+        assert_eq!(
+            sql("sql:drop", true, &[]),
+            (Decision::Deny, vec!["no-drop-truncate".to_string()])
+        );
+        assert_eq!(sql("sql:grant", true, &[]), (Decision::Deny, vec![]));
+    }
+
     #[test]
     fn empty_text_is_valid() {
         for text in ["", "   \n", "// nothing yet\n"] {
@@ -1116,14 +1233,24 @@ when { context.tool == "delete_repo" || context.arguments like "*\"force\": true
         let text = "permit(principal, action, resource);\n  permit(principal, action == Custos::Action::\"sql:selct\", resource);\n";
         let problems = errors(text);
         assert_eq!(problems.len(), 1, "{problems:?}");
-        assert_eq!((problems[0].line, problems[0].column), (2, 31), "{problems:?}");
+        assert_eq!(
+            (problems[0].line, problems[0].column),
+            (2, 31),
+            "{problems:?}"
+        );
         assert!(problems[0].message.contains("sql:selct"), "{problems:?}");
         assert!(problems[0].message.contains("sql:select"), "{problems:?}");
         // the un-namespaced form is a typo too
         let problems = errors("permit(principal, action == Action::\"sql:select\", resource);");
-        assert_eq!((problems[0].line, problems[0].column), (1, 29), "{problems:?}");
+        assert_eq!(
+            (problems[0].line, problems[0].column),
+            (1, 29),
+            "{problems:?}"
+        );
         assert!(
-            problems[0].message.contains("Custos::Action::\"sql:select\""),
+            problems[0]
+                .message
+                .contains("Custos::Action::\"sql:select\""),
             "{problems:?}"
         );
     }
@@ -1132,11 +1259,19 @@ when { context.tool == "delete_repo" || context.arguments like "*\"force\": true
     fn entity_type_typo_is_an_error() {
         let text = "permit(principal in Custos::Gruop::\"agents\", action, resource);";
         let problems = errors(text);
-        assert_eq!((problems[0].line, problems[0].column), (1, 21), "{problems:?}");
+        assert_eq!(
+            (problems[0].line, problems[0].column),
+            (1, 21),
+            "{problems:?}"
+        );
         assert!(problems[0].message.contains("Gruop"), "{problems:?}");
         // an un-namespaced type is a typo too
         let problems = errors("permit(principal in Group::\"agents\", action, resource);");
-        assert_eq!((problems[0].line, problems[0].column), (1, 21), "{problems:?}");
+        assert_eq!(
+            (problems[0].line, problems[0].column),
+            (1, 21),
+            "{problems:?}"
+        );
     }
 
     #[test]
@@ -1157,9 +1292,16 @@ when { context.tool == "delete_repo" || context.arguments like "*\"force\": true
             "forbid(principal, action, resource)\nwhen { context.tables.contains(\"users\") };",
         );
         assert_eq!(problems.len(), 1, "{problems:?}");
-        assert_eq!((problems[0].line, problems[0].column), (2, 8), "{problems:?}");
+        assert_eq!(
+            (problems[0].line, problems[0].column),
+            (2, 8),
+            "{problems:?}"
+        );
         let m = &problems[0].message;
-        assert!(m.contains("`tables`") && m.contains("for 24 actions"), "{m}");
+        assert!(
+            m.contains("`tables`") && m.contains("for 24 actions"),
+            "{m}"
+        );
         assert!(m.contains("sql:all"), "{m}");
         // an optional attribute without `has`
         let problems = errors(
@@ -1173,18 +1315,33 @@ when { context.tool == "delete_repo" || context.arguments like "*\"force\": true
         let text = "@id(\"a\")\npermit(principal, action, resource);\n@id(\"b\")\npermit(principal, action, resource);\n  @id(\"a\")\nforbid(principal, action, resource);\n";
         let problems = errors(text);
         assert_eq!(problems.len(), 1, "{problems:?}");
-        assert_eq!((problems[0].line, problems[0].column), (5, 3), "{problems:?}");
+        assert_eq!(
+            (problems[0].line, problems[0].column),
+            (5, 3),
+            "{problems:?}"
+        );
         let m = &problems[0].message;
-        assert!(m.contains("`a`") && m.contains("line 1") && m.contains("line 5"), "{m}");
+        assert!(
+            m.contains("`a`") && m.contains("line 1") && m.contains("line 5"),
+            "{m}"
+        );
 
         // an @id equal to another policy's positional id
         let text = "@id(\"policy1\")\npermit(principal, action, resource);\npermit(principal, action, resource);";
         let problems = errors(text);
         assert_eq!(problems.len(), 1, "{problems:?}");
-        assert_eq!((problems[0].line, problems[0].column), (1, 1), "{problems:?}");
+        assert_eq!(
+            (problems[0].line, problems[0].column),
+            (1, 1),
+            "{problems:?}"
+        );
 
         let problems = errors("@id(\"\") permit(principal, action, resource);");
-        assert_eq!((problems[0].line, problems[0].column), (1, 1), "{problems:?}");
+        assert_eq!(
+            (problems[0].line, problems[0].column),
+            (1, 1),
+            "{problems:?}"
+        );
     }
 
     #[test]
@@ -1210,7 +1367,11 @@ when { context.tool == "delete_repo" || context.arguments like "*\"force\": true
         // the action group itself is never requested
         let problems =
             errors("permit(principal, action == Custos::Action::\"sql:read\", resource);");
-        assert_eq!((problems[0].line, problems[0].column), (1, 1), "{problems:?}");
+        assert_eq!(
+            (problems[0].line, problems[0].column),
+            (1, 1),
+            "{problems:?}"
+        );
         // resources are Connections, never Tables
         let problems = errors(
             "permit(principal, action == Custos::Action::\"sql:select\", resource is Custos::Table);",
@@ -1222,15 +1383,24 @@ when { context.tool == "delete_repo" || context.arguments like "*\"force\": true
     fn templates_are_rejected() {
         let text = "permit(principal == ?principal, action, resource);";
         let problems = errors(text);
-        assert_eq!((problems[0].line, problems[0].column), (1, 21), "{problems:?}");
+        assert_eq!(
+            (problems[0].line, problems[0].column),
+            (1, 21),
+            "{problems:?}"
+        );
         assert!(problems[0].message.contains("template"), "{problems:?}");
     }
 
     #[test]
     fn columns_count_characters() {
-        let text = "// héllo wörld\npermit(principal, action == Custos::Action::\"sql:selct\", resource);";
+        let text =
+            "// héllo wörld\npermit(principal, action == Custos::Action::\"sql:selct\", resource);";
         let problems = errors(text);
-        assert_eq!((problems[0].line, problems[0].column), (2, 29), "{problems:?}");
+        assert_eq!(
+            (problems[0].line, problems[0].column),
+            (2, 29),
+            "{problems:?}"
+        );
         assert_eq!(line_column("aé\nb", 3), (1, 3));
         assert_eq!(line_column("aé\nb", 2), (1, 2)); // inside 'é': clamped back
         assert_eq!(line_column("ab", 99), (1, 3));
@@ -1257,24 +1427,40 @@ when { context.tool == "delete_repo" || context.arguments like "*\"force\": true
             );
             let problems = errors(&text);
             assert_eq!(problems.len(), 1, "{problems:?}");
-            assert!(problems[0].message.contains("nested too deeply"), "{problems:?}");
+            assert!(
+                problems[0].message.contains("nested too deeply"),
+                "{problems:?}"
+            );
             assert_eq!(problems[0].line, 2, "{problems:?}");
             // unclosed brackets too
             let problems = errors(&"[".repeat(depth));
-            assert!(problems[0].message.contains("nested too deeply"), "{problems:?}");
+            assert!(
+                problems[0].message.contains("nested too deeply"),
+                "{problems:?}"
+            );
         }
         for depth in [200, 100_000] {
             let chain = vec!["true"; depth].join(" && ");
             let problems = errors(&format!(
                 "permit(principal, action, resource);\n\npermit(principal, action, resource) when {{ {chain} }};"
             ));
-            assert!(problems[0].message.contains("nested too deeply"), "{problems:?}");
-            assert_eq!((problems[0].line, problems[0].column), (3, 1), "{problems:?}");
+            assert!(
+                problems[0].message.contains("nested too deeply"),
+                "{problems:?}"
+            );
+            assert_eq!(
+                (problems[0].line, problems[0].column),
+                (3, 1),
+                "{problems:?}"
+            );
             let dots = ".a".repeat(depth);
             let problems = errors(&format!(
                 "permit(principal, action, resource) when {{ principal{dots} == 1 }};"
             ));
-            assert!(problems[0].message.contains("nested too deeply"), "{problems:?}");
+            assert!(
+                problems[0].message.contains("nested too deeply"),
+                "{problems:?}"
+            );
         }
     }
 

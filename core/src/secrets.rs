@@ -17,11 +17,17 @@ const NONCE_LEN: usize = 24;
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
     #[error("cannot read secret key file {path}: {source}; create one with `custos dev` or `head -c 32 /dev/urandom | xxd -p -c 64 > {path}`")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("secret key file {path} must hold 64 hex digits (32 bytes)")]
     BadKey { path: String },
     #[error("cannot write secret key file {path}: {source}")]
-    Write { path: String, source: std::io::Error },
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("sealed credential is corrupt or was sealed with another key (check that every control-plane node has the same secret_key_file)")]
     Open,
 }
@@ -43,12 +49,16 @@ impl SecretKey {
 
     /// Read a key file of 64 hex digits.
     pub fn load(path: &Path) -> Result<Self, SecretError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| SecretError::Read { path: path.display().to_string(), source })?;
-        let bytes = hex::decode(text.trim())
-            .map_err(|_| SecretError::BadKey { path: path.display().to_string() })?;
-        let key: [u8; 32] =
-            bytes.try_into().map_err(|_| SecretError::BadKey { path: path.display().to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|source| SecretError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let bytes = hex::decode(text.trim()).map_err(|_| SecretError::BadKey {
+            path: path.display().to_string(),
+        })?;
+        let key: [u8; 32] = bytes.try_into().map_err(|_| SecretError::BadKey {
+            path: path.display().to_string(),
+        })?;
         Ok(Self::from_bytes(key))
     }
 
@@ -57,8 +67,12 @@ impl SecretKey {
         if !path.exists() {
             let mut key = [0u8; 32];
             rand::rng().fill_bytes(&mut key);
-            write_private(path, hex::encode(key).as_bytes())
-                .map_err(|source| SecretError::Write { path: path.display().to_string(), source })?;
+            write_private(path, hex::encode(key).as_bytes()).map_err(|source| {
+                SecretError::Write {
+                    path: path.display().to_string(),
+                    source,
+                }
+            })?;
         }
         Self::load(path)
     }
@@ -69,7 +83,13 @@ impl SecretKey {
         rand::rng().fill_bytes(&mut nonce);
         let ct = self
             .0
-            .encrypt(XNonce::from_slice(&nonce), Payload { msg: plaintext, aad: context })
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: plaintext,
+                    aad: context,
+                },
+            )
             .expect("XChaCha20-Poly1305 encryption cannot fail for in-memory buffers");
         let mut out = nonce.to_vec();
         out.extend_from_slice(&ct);
@@ -83,7 +103,13 @@ impl SecretKey {
         }
         let (nonce, ct) = sealed.split_at(NONCE_LEN);
         self.0
-            .decrypt(XNonce::from_slice(nonce), Payload { msg: ct, aad: context })
+            .decrypt(
+                XNonce::from_slice(nonce),
+                Payload {
+                    msg: ct,
+                    aad: context,
+                },
+            )
             .map_err(|_| SecretError::Open)
     }
 }
@@ -112,7 +138,9 @@ mod tests {
         assert!(!sealed.windows(7).any(|w| w == b"hunter2"));
         assert_eq!(k.open(&sealed, b"prod-pg").unwrap(), b"hunter2");
         assert!(k.open(&sealed, b"other").is_err());
-        assert!(SecretKey::from_bytes([8; 32]).open(&sealed, b"prod-pg").is_err());
+        assert!(SecretKey::from_bytes([8; 32])
+            .open(&sealed, b"prod-pg")
+            .is_err());
         assert!(k.open(&sealed[..10], b"prod-pg").is_err());
     }
 
@@ -126,12 +154,17 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+            assert_eq!(
+                std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
         }
         std::fs::write(&p, "zz").unwrap();
         let err = SecretKey::load(&p).unwrap_err().to_string();
         assert!(err.contains("64 hex digits"), "{err}");
-        let err = SecretKey::load(&dir.path().join("nope")).unwrap_err().to_string();
+        let err = SecretKey::load(&dir.path().join("nope"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("cannot read secret key file"), "{err}");
     }
 }

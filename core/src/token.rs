@@ -15,7 +15,9 @@ pub const PREFIX: &str = "cst_";
 /// Why a presented string is not a custos token. Messages never repeat the token itself.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
-    #[error("not a custos token (expected cst_<id>_<secret>); issue one with `custos token issue`")]
+    #[error(
+        "not a custos token (expected cst_<id>_<secret>); issue one with `custos token issue`"
+    )]
     Malformed,
 }
 
@@ -47,7 +49,9 @@ pub fn parse(token: &str) -> Result<&str, TokenError> {
     let (id, secret) = rest.split_once('_').ok_or(TokenError::Malformed)?;
     let id_ok = id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit());
     let secret_ok = secret.len() == 43
-        && secret.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        && secret
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     if id_ok && secret_ok {
         Ok(id)
     } else {
@@ -65,7 +69,10 @@ pub fn hashes_equal(a: &str, b: &str) -> bool {
     if a.len() != b.len() {
         return false;
     }
-    a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.bytes()
+        .zip(b.bytes())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 #[cfg(test)]
@@ -85,7 +92,13 @@ mod tests {
 
     #[test]
     fn malformed_tokens_are_rejected_without_echo() {
-        for bad in ["", "cst_", "cst_xyz_abc", "Bearer cst_0123456789abcdef_", "pat_0123456789abcdef_x"] {
+        for bad in [
+            "",
+            "cst_",
+            "cst_xyz_abc",
+            "Bearer cst_0123456789abcdef_",
+            "pat_0123456789abcdef_x",
+        ] {
             let err = parse(bad).unwrap_err();
             assert!(bad.is_empty() || !err.to_string().contains(bad));
         }

@@ -242,7 +242,11 @@ async fn fetch_returns_as_soon_as_something_is_there() {
         .await
         .unwrap();
     assert!(none.is_empty());
-    assert!(started.elapsed() >= Duration::from_millis(400), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
 
     // One event there and `max` 100: does not wait to fill the batch.
     bus.publish(&event(1)).await.unwrap();
@@ -268,7 +272,11 @@ async fn fetch_returns_as_soon_as_something_is_there() {
         .await
         .unwrap();
     assert_eq!(got2.len(), 1);
-    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
     late.await.unwrap().unwrap();
     ack_all(got.into_iter().chain(got2).collect()).await;
 }
@@ -318,7 +326,10 @@ async fn unacked_events_come_back_after_the_ack_wait() {
     let back = fetch_n(&mut source, 1).await;
     assert_eq!(decode(&back[0]).id, e.id);
     let after = delivered_at.elapsed();
-    assert!(after >= ack_wait.mul_f32(0.9) && after < ack_wait * 5, "{after:?}");
+    assert!(
+        after >= ack_wait.mul_f32(0.9) && after < ack_wait * 5,
+        "{after:?}"
+    );
     ack_all(back).await;
     let none = source.fetch(10, Duration::from_secs(2)).await.unwrap();
     assert!(none.is_empty(), "redelivered after ack");
@@ -351,7 +362,10 @@ async fn nacked_events_come_back_without_waiting_for_the_ack_wait() {
     assert_eq!(decode(&back[0]).id, a.id, "the nacked event comes back");
     ack_all(back).await;
     let none = source.fetch(10, Duration::from_secs(1)).await.unwrap();
-    assert!(none.is_empty(), "only the nacked event comes back before the ack wait");
+    assert!(
+        none.is_empty(),
+        "only the nacked event comes back before the ack wait"
+    );
     ack_all(held).await;
 }
 
@@ -369,12 +383,19 @@ async fn an_unreachable_server_is_unavailable_promptly() {
         .await
         .expect("connect must not hang on an unreachable server")
         .unwrap_err();
-    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
     assert!(matches!(err, BusError::Unavailable { .. }), "{err:?}");
     let msg = err.to_string();
     eprintln!("{msg}");
     assert!(msg.contains(&format!("nats://127.0.0.1:{port}")), "{msg}");
-    assert!(msg.contains("nats-server") && msg.contains("CUSTOS_NATS_URL"), "{msg}");
+    assert!(
+        msg.contains("nats-server") && msg.contains("CUSTOS_NATS_URL"),
+        "{msg}"
+    );
     assert!(!msg.contains("s3cret") && !msg.contains("alice"), "{msg}");
 }
 

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use custos_proto::v1::{
-    edge_change::Change, edge_sync_client::EdgeSyncClient, edge_sync_message::Body, Connection, PolicySet, TokenRecord,
-    WatchRequest,
+    edge_change::Change, edge_sync_client::EdgeSyncClient, edge_sync_message::Body, Connection,
+    PolicySet, TokenRecord, WatchRequest,
 };
 use tokio::sync::watch;
 
@@ -29,8 +29,16 @@ impl EdgeConfig {
                 revision: 0,
                 synced: true,
                 policy: s.policy,
-                connections: s.connections.into_iter().map(|c| (c.name.clone(), c)).collect(),
-                tokens: s.tokens.into_iter().map(|t| (t.token_id.clone(), t)).collect(),
+                connections: s
+                    .connections
+                    .into_iter()
+                    .map(|c| (c.name.clone(), c))
+                    .collect(),
+                tokens: s
+                    .tokens
+                    .into_iter()
+                    .map(|t| (t.token_id.clone(), t))
+                    .collect(),
             },
             Some(Body::Change(c)) => {
                 let mut next = self.clone();
@@ -76,7 +84,11 @@ fn url(s: &str) -> String {
 
 /// Follow the control plane until `shutdown` fires. The receiver always holds the last good
 /// configuration; a lost stream is retried with exponential backoff across all servers.
-pub async fn run(opts: WatchOptions, tx: watch::Sender<Arc<EdgeConfig>>, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(
+    opts: WatchOptions,
+    tx: watch::Sender<Arc<EdgeConfig>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut backoff = Duration::from_millis(100);
     let mut i = 0usize;
     loop {
@@ -91,7 +103,9 @@ pub async fn run(opts: WatchOptions, tx: watch::Sender<Arc<EdgeConfig>>, mut shu
         };
         match res {
             Ok(()) => backoff = Duration::from_millis(100),
-            Err(e) => tracing::warn!(server = %server, error = %e, "configuration stream lost; serving the last configuration and retrying"),
+            Err(e) => {
+                tracing::warn!(server = %server, error = %e, "configuration stream lost; serving the last configuration and retrying")
+            }
         }
         tokio::select! {
             _ = shutdown.changed() => return,
@@ -101,7 +115,11 @@ pub async fn run(opts: WatchOptions, tx: watch::Sender<Arc<EdgeConfig>>, mut shu
     }
 }
 
-async fn follow(opts: &WatchOptions, server: &str, tx: &watch::Sender<Arc<EdgeConfig>>) -> Result<(), String> {
+async fn follow(
+    opts: &WatchOptions,
+    server: &str,
+    tx: &watch::Sender<Arc<EdgeConfig>>,
+) -> Result<(), String> {
     let ch = tonic::transport::Endpoint::from_shared(server.to_string())
         .map_err(|e| e.to_string())?
         .connect_timeout(Duration::from_secs(2))
@@ -109,11 +127,23 @@ async fn follow(opts: &WatchOptions, server: &str, tx: &watch::Sender<Arc<EdgeCo
         .await
         .map_err(|e| format!("cannot connect: {e}"))?;
     let mut client = EdgeSyncClient::new(ch);
-    let mut req = tonic::Request::new(WatchRequest { edge_id: opts.edge_id.clone() });
-    let bearer = format!("Bearer {}", opts.token).parse().map_err(|_| "token is not valid header text".to_string())?;
+    let mut req = tonic::Request::new(WatchRequest {
+        edge_id: opts.edge_id.clone(),
+    });
+    let bearer = format!("Bearer {}", opts.token)
+        .parse()
+        .map_err(|_| "token is not valid header text".to_string())?;
     req.metadata_mut().insert("authorization", bearer);
-    let mut stream = client.watch(req).await.map_err(|s| s.message().to_string())?.into_inner();
-    while let Some(msg) = stream.message().await.map_err(|s| s.message().to_string())? {
+    let mut stream = client
+        .watch(req)
+        .await
+        .map_err(|s| s.message().to_string())?
+        .into_inner();
+    while let Some(msg) = stream
+        .message()
+        .await
+        .map_err(|s| s.message().to_string())?
+    {
         let next = tx.borrow().apply(msg);
         tx.send_replace(Arc::new(next));
     }
@@ -133,19 +163,29 @@ mod tests {
             revision: 3,
             body: Some(Body::Snapshot(EdgeSnapshot {
                 policy: None,
-                connections: vec![Connection { name: "a".into(), ..Default::default() }],
+                connections: vec![Connection {
+                    name: "a".into(),
+                    ..Default::default()
+                }],
                 tokens: vec![],
             })),
         });
         assert!(c.synced && c.revision == 3 && c.connections.contains_key("a"));
         let c = c.apply(EdgeSyncMessage {
             revision: 4,
-            body: Some(Body::Change(EdgeChange { change: Some(Change::ConnectionDeleted("a".into())) })),
+            body: Some(Body::Change(EdgeChange {
+                change: Some(Change::ConnectionDeleted("a".into())),
+            })),
         });
         assert!(c.connections.is_empty() && c.revision == 4);
         let c = c.apply(EdgeSyncMessage {
             revision: 5,
-            body: Some(Body::Change(EdgeChange { change: Some(Change::Policy(PolicySet { version: 2, ..Default::default() })) })),
+            body: Some(Body::Change(EdgeChange {
+                change: Some(Change::Policy(PolicySet {
+                    version: 2,
+                    ..Default::default()
+                })),
+            })),
         });
         assert_eq!(c.policy.unwrap().version, 2);
     }

@@ -17,7 +17,10 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use custos_core::bus::{EventBus, NatsBus, NatsConfig};
 use custos_core::events::Origin;
-use custos_proto::v1::{audit_client::AuditClient, cluster_client::ClusterClient, event::Payload, CommandReceived, Empty, Event, TailRequest, Verdict};
+use custos_proto::v1::{
+    audit_client::AuditClient, cluster_client::ClusterClient, event::Payload, CommandReceived,
+    Empty, Event, TailRequest, Verdict,
+};
 use futures::StreamExt;
 use prost::Message;
 use tokio::sync::Mutex;
@@ -54,7 +57,11 @@ enum Cmd {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn wait_port(port: u16) -> Result<()> {
@@ -86,18 +93,36 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-async fn ingest(nodes: u64, events: u64, inflight: usize, batch: usize, custos: PathBuf, markdown: Option<PathBuf>) -> Result<()> {
+async fn ingest(
+    nodes: u64,
+    events: u64,
+    inflight: usize,
+    batch: usize,
+    custos: PathBuf,
+    markdown: Option<PathBuf>,
+) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let mut procs = Procs(Vec::new());
     let nats_port = free_port();
     procs.0.push(
-        Command::new(if Path::new("/usr/sbin/nats-server").exists() { "/usr/sbin/nats-server" } else { "nats-server" })
-            .args(["-js", "-a", "127.0.0.1", "-p", &nats_port.to_string(), "-sd"])
-            .arg(dir.path().join("nats"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("start nats-server")?,
+        Command::new(if Path::new("/usr/sbin/nats-server").exists() {
+            "/usr/sbin/nats-server"
+        } else {
+            "nats-server"
+        })
+        .args([
+            "-js",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &nats_port.to_string(),
+            "-sd",
+        ])
+        .arg(dir.path().join("nats"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start nats-server")?,
     );
     wait_port(nats_port)?;
     let nats_url = format!("nats://127.0.0.1:{nats_port}");
@@ -107,7 +132,11 @@ async fn ingest(nodes: u64, events: u64, inflight: usize, batch: usize, custos: 
     std::fs::write(shared.join("cluster.secret"), "bench-cluster")?;
     std::fs::write(shared.join("admin.token"), "bench-admin")?;
     let ports: Vec<u16> = (0..nodes).map(|_| free_port()).collect();
-    let members: String = ports.iter().enumerate().map(|(i, p)| format!("{} = \"127.0.0.1:{p}\"\n", i + 1)).collect();
+    let members: String = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("{} = \"127.0.0.1:{p}\"\n", i + 1))
+        .collect();
     for (i, port) in ports.iter().enumerate() {
         let id = i + 1;
         let ndir = dir.path().join(format!("node{id}"));
@@ -133,9 +162,11 @@ async fn ingest(nodes: u64, events: u64, inflight: usize, batch: usize, custos: 
     // Find the leader.
     let mut leader_addr = String::new();
     for _ in 0..200 {
-        let ch = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", ports[0]))?.connect_lazy();
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", ports[0]))?
+            .connect_lazy();
         let mut req = tonic::Request::new(Empty {});
-        req.metadata_mut().insert("authorization", "Bearer bench-admin".parse()?);
+        req.metadata_mut()
+            .insert("authorization", "Bearer bench-admin".parse()?);
         if let Ok(s) = ClusterClient::new(ch).status(req).await {
             let s = s.into_inner();
             if s.leader_id != 0 && !s.leader_addr.is_empty() {
@@ -149,12 +180,20 @@ async fn ingest(nodes: u64, events: u64, inflight: usize, batch: usize, custos: 
         bail!("no leader elected");
     }
 
-    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::with_capacity(events as usize)));
+    let sent: Arc<Mutex<HashMap<String, Instant>>> =
+        Arc::new(Mutex::new(HashMap::with_capacity(events as usize)));
     // Follow the committed tail on the leader.
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{leader_addr}"))?.connect().await?;
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{leader_addr}"))?
+        .connect()
+        .await?;
     let mut audit = AuditClient::new(ch).max_decoding_message_size(256 << 20);
-    let mut req = tonic::Request::new(TailRequest { after_seq: 0, last: 0, follow: true });
-    req.metadata_mut().insert("authorization", "Bearer bench-admin".parse()?);
+    let mut req = tonic::Request::new(TailRequest {
+        after_seq: 0,
+        last: 0,
+        follow: true,
+    });
+    req.metadata_mut()
+        .insert("authorization", "Bearer bench-admin".parse()?);
     let mut tail = audit.tail(req).await?.into_inner();
     let sent2 = sent.clone();
     let collector = tokio::spawn(async move {
@@ -162,7 +201,9 @@ async fn ingest(nodes: u64, events: u64, inflight: usize, batch: usize, custos: 
         let mut last = Instant::now();
         while let Some(Ok(rec)) = tail.next().await {
             let now = Instant::now();
-            let Ok(e) = Event::decode(&*rec.event) else { continue };
+            let Ok(e) = Event::decode(&*rec.event) else {
+                continue;
+            };
             if let Some(t0) = sent2.lock().await.get(&e.id) {
                 lat.push(now.duration_since(*t0));
                 last = now;
@@ -174,8 +215,17 @@ async fn ingest(nodes: u64, events: u64, inflight: usize, batch: usize, custos: 
         (lat, last)
     });
 
-    let bus = NatsBus::connect(NatsConfig { url: nats_url, ..Default::default() }).await?;
-    let origin = Origin { edge_id: "loadtest".into(), session_id: "bench".into(), identity: "agent".into(), connection: "prod".into() };
+    let bus = NatsBus::connect(NatsConfig {
+        url: nats_url,
+        ..Default::default()
+    })
+    .await?;
+    let origin = Origin {
+        edge_id: "loadtest".into(),
+        session_id: "bench".into(),
+        identity: "agent".into(),
+        connection: "prod".into(),
+    };
     let start = Instant::now();
     futures::stream::iter(0..events)
         .map(|i| {
@@ -200,7 +250,9 @@ async fn ingest(nodes: u64, events: u64, inflight: usize, batch: usize, custos: 
         })
         .await;
     let published = start.elapsed();
-    let (mut lat, last) = tokio::time::timeout(Duration::from_secs(300), collector).await.context("commit tail timed out")??;
+    let (mut lat, last) = tokio::time::timeout(Duration::from_secs(300), collector)
+        .await
+        .context("commit tail timed out")??;
     let total = last.duration_since(start);
     lat.sort();
     let rate = lat.len() as f64 / total.as_secs_f64();
@@ -214,7 +266,10 @@ async fn ingest(nodes: u64, events: u64, inflight: usize, batch: usize, custos: 
     println!("| nodes | events | in flight | batch | published/s | committed/s | p50 ms | p99 ms | max ms |");
     println!("{line}");
     if let Some(md) = markdown {
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(md)?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(md)?;
         writeln!(f, "{line}")?;
     }
     drop(procs);
@@ -225,8 +280,16 @@ async fn ingest(nodes: u64, events: u64, inflight: usize, batch: usize, custos: 
 async fn main() -> Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     match Cli::parse().cmd {
-        Cmd::Ingest { nodes, events, inflight, batch, custos, markdown } => {
-            let custos = custos.unwrap_or_else(|| std::env::current_exe().unwrap().with_file_name("custos"));
+        Cmd::Ingest {
+            nodes,
+            events,
+            inflight,
+            batch,
+            custos,
+            markdown,
+        } => {
+            let custos =
+                custos.unwrap_or_else(|| std::env::current_exe().unwrap().with_file_name("custos"));
             ingest(nodes, events, inflight, batch, custos, markdown).await
         }
     }

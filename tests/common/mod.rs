@@ -9,7 +9,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn wait_port(port: u16, within: Duration) -> Result<()> {
@@ -99,7 +103,10 @@ impl NodeProc {
     }
 
     pub fn spawn(&mut self) -> Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("node.log"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("node.log"))?;
         let child = Command::new(custos_bin())
             .args(["controlplane", "--config"])
             .arg(&self.config)
@@ -138,7 +145,12 @@ pub struct ClusterOpts {
 
 /// Write configs for `ids` (all initial members) and return the unstarted processes.
 /// Every node shares the same secret key, cluster secret and admin token files.
-pub fn cluster(root: &Path, ids: &[u64], initial: &[u64], opts: &ClusterOpts) -> Result<Vec<NodeProc>> {
+pub fn cluster(
+    root: &Path,
+    ids: &[u64],
+    initial: &[u64],
+    opts: &ClusterOpts,
+) -> Result<Vec<NodeProc>> {
     let shared = root.join("shared");
     std::fs::create_dir_all(&shared)?;
     std::fs::write(shared.join("secret.key"), "11".repeat(32))?;
@@ -156,10 +168,16 @@ pub fn cluster(root: &Path, ids: &[u64], initial: &[u64], opts: &ClusterOpts) ->
         let dir = root.join(format!("node{id}"));
         std::fs::create_dir_all(&dir)?;
         let bus = match &opts.nats_url {
-            Some(url) => format!("[bus]\nkind = \"nats\"\nack_wait_secs = 3\n[bus.nats]\nurl = \"{url}\"\n"),
+            Some(url) => {
+                format!("[bus]\nkind = \"nats\"\nack_wait_secs = 3\n[bus.nats]\nurl = \"{url}\"\n")
+            }
             None => "[bus]\nkind = \"none\"\n".to_string(),
         };
-        let members_section = if initial.contains(id) { format!("[cluster.initial_members]\n{members}") } else { String::new() };
+        let members_section = if initial.contains(id) {
+            format!("[cluster.initial_members]\n{members}")
+        } else {
+            String::new()
+        };
         let text = format!(
             "[node]\nid = {id}\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nsecret_key_file = \"{}\"\ncluster_secret_file = \"{}\"\nadmin_token_file = \"{}\"\n\n[cluster]\nheartbeat_ms = 100\nelection_timeout_min_ms = 600\nelection_timeout_max_ms = 1200\nsnapshot_every = {}\nkeep_logs = {}\n{members_section}\n{bus}",
             dir.display(),
@@ -171,7 +189,13 @@ pub fn cluster(root: &Path, ids: &[u64], initial: &[u64], opts: &ClusterOpts) ->
         );
         let config = dir.join("custos.toml");
         std::fs::write(&config, text)?;
-        out.push(NodeProc { id: *id, port: *port, dir, config, child: None });
+        out.push(NodeProc {
+            id: *id,
+            port: *port,
+            dir,
+            config,
+            child: None,
+        });
     }
     Ok(out)
 }
@@ -195,7 +219,14 @@ pub fn cli(server: &str, args: &[&str]) -> (i32, String, String) {
 
 /// An authenticated gRPC client for tests.
 pub async fn client(server: &str) -> custos_cli::Client {
-    let g = custos_cli::Global { server: server.to_string(), token: Some(ADMIN_TOKEN.into()), token_file: None, ca: None, cert: None, key: None };
+    let g = custos_cli::Global {
+        server: server.to_string(),
+        token: Some(ADMIN_TOKEN.into()),
+        token_file: None,
+        ca: None,
+        cert: None,
+        key: None,
+    };
     custos_cli::Client::connect(&g).await.unwrap()
 }
 
@@ -214,17 +245,70 @@ pub async fn leader(nodes: &[&NodeProc]) -> Option<u64> {
 /// A throwaway CA and one certificate (SAN 127.0.0.1, localhost) per name, made with openssl.
 pub fn make_pki(dir: &Path, names: &[&str]) -> Result<()> {
     let run = |args: &[&str]| -> Result<()> {
-        let st = Command::new("openssl").args(args).current_dir(dir).stdout(Stdio::null()).stderr(Stdio::null()).status()?;
+        let st = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()?;
         if !st.success() {
             bail!("openssl {args:?} failed");
         }
         Ok(())
     };
-    run(&["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=custos-test-ca"])?;
-    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n")?;
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=custos-test-ca",
+    ])?;
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )?;
     for n in names {
-        run(&["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", &format!("{n}.key"), "-out", &format!("{n}.csr"), "-subj", &format!("/CN={n}")])?;
-        run(&["x509", "-req", "-in", &format!("{n}.csr"), "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", &format!("{n}.pem"), "-days", "2", "-extfile", "san.ext"])?;
+        run(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &format!("{n}.key"),
+            "-out",
+            &format!("{n}.csr"),
+            "-subj",
+            &format!("/CN={n}"),
+        ])?;
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{n}.csr"),
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &format!("{n}.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ])?;
     }
     Ok(())
 }

@@ -190,7 +190,10 @@ mod tests {
             timeout(SHORT, &mut publishing).await.is_err(),
             "publish must wait for the consumer"
         );
-        let mut got = timeout(BOUND, source.fetch(10, BOUND)).await.unwrap().unwrap();
+        let mut got = timeout(BOUND, source.fetch(10, BOUND))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(got.len(), 1);
         let d = got.pop().unwrap();
         assert_eq!(d.subject, "custos.events.session_started.prod-pg");
@@ -221,7 +224,11 @@ mod tests {
         let publishing = spawn_publish(&bus, ev("c"));
         let d = source.fetch(10, BOUND).await.unwrap().pop().unwrap();
         d.nack("event has no payload").await.unwrap();
-        let err = timeout(BOUND, publishing).await.unwrap().unwrap().unwrap_err();
+        let err = timeout(BOUND, publishing)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap_err();
         assert_eq!(err, BusError::Rejected("event has no payload".into()));
         assert!(err.to_string().contains("event has no payload"));
     }
@@ -232,7 +239,11 @@ mod tests {
         let publishing = spawn_publish(&bus, ev("c"));
         let d = source.fetch(10, BOUND).await.unwrap();
         drop(d);
-        let err = timeout(BOUND, publishing).await.unwrap().unwrap().unwrap_err();
+        let err = timeout(BOUND, publishing)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap_err();
         assert_eq!(err, BusError::Closed);
     }
 
@@ -245,7 +256,10 @@ mod tests {
         drop(source);
         let err = timeout(BOUND, queued).await.unwrap().unwrap().unwrap_err();
         assert_eq!(err, BusError::Closed);
-        let err = timeout(BOUND, bus.publish(&ev("c"))).await.unwrap().unwrap_err();
+        let err = timeout(BOUND, bus.publish(&ev("c")))
+            .await
+            .unwrap()
+            .unwrap_err();
         assert_eq!(err, BusError::Closed);
     }
 
@@ -286,7 +300,10 @@ mod tests {
         // The blocked publishers get in one at a time.
         let mut seen = Vec::new();
         while seen.len() < 2 {
-            let got = timeout(BOUND, source.fetch(10, BOUND)).await.unwrap().unwrap();
+            let got = timeout(BOUND, source.fetch(10, BOUND))
+                .await
+                .unwrap()
+                .unwrap();
             assert_eq!(got.len(), 1);
             for d in got {
                 seen.push(d.subject.clone());
@@ -317,7 +334,9 @@ mod tests {
         assert!(started.elapsed() < BOUND);
         assert!(source.fetch(0, BOUND).await.unwrap().is_empty());
 
-        let handles: Vec<_> = (0..5).map(|i| spawn_publish(&bus, ev(&i.to_string()))).collect();
+        let handles: Vec<_> = (0..5)
+            .map(|i| spawn_publish(&bus, ev(&i.to_string())))
+            .collect();
         tokio::time::sleep(Duration::from_millis(20)).await;
         let first = source.fetch(3, BOUND).await.unwrap();
         assert_eq!(first.len(), 3);

@@ -68,7 +68,10 @@ pub enum BusError {
 impl BusError {
     /// Whether retrying the same request later may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, BusError::Unavailable { .. } | BusError::Timeout { .. })
+        matches!(
+            self,
+            BusError::Unavailable { .. } | BusError::Timeout { .. }
+        )
     }
 }
 
@@ -175,7 +178,7 @@ pub struct Delivery {
 
 enum Acker {
     InProc(inproc::Acker),
-    Nats(nats::Acker),
+    Nats(Box<nats::Acker>),
 }
 
 impl std::fmt::Debug for Delivery {
@@ -245,7 +248,10 @@ mod tests {
             subject_for(&event(">", p)),
         ] {
             assert_eq!(s.split('.').count(), 4, "{s}");
-            assert!(!s.contains('>') && !s.contains('*') && !s.contains(' '), "{s}");
+            assert!(
+                !s.contains('>') && !s.contains('*') && !s.contains(' '),
+                "{s}"
+            );
         }
     }
 
@@ -265,7 +271,10 @@ mod tests {
             detail: "cannot connect (connection refused)".into(),
         };
         let s = e.to_string();
-        assert!(s.contains("nats://127.0.0.1:4222") && s.contains("CUSTOS_NATS_URL"), "{s}");
+        assert!(
+            s.contains("nats://127.0.0.1:4222") && s.contains("CUSTOS_NATS_URL"),
+            "{s}"
+        );
         let t = BusError::Timeout {
             what: "JetStream ack".into(),
             after: Duration::from_secs(5),

@@ -260,18 +260,17 @@ impl NatsBus {
         let wanted = self.cfg.stream_config();
         let name = &self.cfg.stream;
         let bound = self.cfg.publish_timeout().saturating_mul(3);
-        let stream = match tokio::time::timeout(bound, self.js.get_or_create_stream(wanted.clone()))
-            .await
-        {
-            Err(_elapsed) => {
-                return Err(BusError::Timeout {
-                    what: format!("JetStream answer while creating stream {name}"),
-                    after: bound,
-                })
-            }
-            Ok(Err(e)) => return Err(self.create_stream_error(e)),
-            Ok(Ok(stream)) => stream,
-        };
+        let stream =
+            match tokio::time::timeout(bound, self.js.get_or_create_stream(wanted.clone())).await {
+                Err(_elapsed) => {
+                    return Err(BusError::Timeout {
+                        what: format!("JetStream answer while creating stream {name}"),
+                        after: bound,
+                    })
+                }
+                Ok(Err(e)) => return Err(self.create_stream_error(e)),
+                Ok(Ok(stream)) => stream,
+            };
         let have = &stream.cached_info().config;
         let ours = format!("{EVENTS_SUBJECT_PREFIX}.>");
         if !have
@@ -437,9 +436,7 @@ impl NatsBus {
                 "consumer {durable} on stream {name} exists but is not a pull consumer; delete it \
                  (nats consumer rm {name} {durable}) or use another name"
             )),
-            _ => self.unavailable(format!(
-                "creating consumer {durable} on stream {name}: {e}"
-            )),
+            _ => self.unavailable(format!("creating consumer {durable} on stream {name}: {e}")),
         }
     }
 
@@ -598,10 +595,10 @@ impl NatsSource {
                 Ok(Some(Ok(message))) => out.push(Delivery {
                     data: message.payload.clone(),
                     subject: message.subject.to_string(),
-                    acker: super::Acker::Nats(Acker {
+                    acker: super::Acker::Nats(Box::new(Acker {
                         message,
                         cfg: self.cfg.clone(),
-                    }),
+                    })),
                 }),
                 Ok(Some(Err(e))) => {
                     // A status from the server ending the pull (e.g. 409 leadership change or
@@ -684,10 +681,7 @@ mod tests {
             "nats://nats.example:4222"
         );
         assert_eq!(redact_url("tok3n@10.0.0.1:4222"), "10.0.0.1:4222");
-        assert_eq!(
-            redact_url("nats://127.0.0.1:4222"),
-            "nats://127.0.0.1:4222"
-        );
+        assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
         assert_eq!(
             redact_url("nats://a:b@h1:4222, tls://c:d@h2:4443/x@y"),
             "nats://h1:4222,tls://h2:4443/x@y"
@@ -698,10 +692,7 @@ mod tests {
         };
         assert!(!format!("{cfg:?}").contains("s3cret"));
         assert_eq!(
-            scrub(
-                "failed: nats://alice:s3cret@x and s3cret".into(),
-                &cfg.url
-            ),
+            scrub("failed: nats://alice:s3cret@x and s3cret".into(), &cfg.url),
             "failed: nats://***@x and ***"
         );
     }
