@@ -187,6 +187,12 @@ impl Admin for Svc {
                 "policy rejected; the previous version stays in force:\n{e}"
             ))
         })?;
+        custos_core::authz::check_annotations(&validated.set).map_err(|errs| {
+            Status::invalid_argument(format!(
+                "policy rejected; the previous version stays in force:\n{}",
+                errs.join("\n")
+            ))
+        })?;
         let next = self.0.store.policy(0).map(|p| p.version).unwrap_or(0) + 1;
         let event = self.0.origin_event(
             &caller.subject,

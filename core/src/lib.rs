@@ -10,6 +10,7 @@
 //! - [`bus`]: the one event-bus trait and its in-process and NATS JetStream implementations.
 //! - [`audit`]: the canonical record's hash chain and its OCSF-shaped JSON form for SIEMs.
 //! - [`policy`]: the Cedar schema and policy validation.
+//! - [`authz`]: one Cedar decision per classified action, with `@approval` requirements.
 //! - [`classify`]: SQL classification with the PostgreSQL parser (statement kind, tables, functions).
 //! - [`mask`]: the masking engine (column rules, content detectors, strategies).
 //! - [`token`]: custos-issued tokens (only their hashes are stored).
@@ -17,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod authz;
 pub mod bus;
 pub mod classify;
 pub mod events;

@@ -100,7 +100,8 @@ mod tests {
             "pat_0123456789abcdef_x",
         ] {
             let err = parse(bad).unwrap_err();
-            assert!(bad.is_empty() || !err.to_string().contains(bad));
+            // Long inputs (real token material) never appear in the message.
+            assert!(bad.len() < 12 || !err.to_string().contains(bad));
         }
         let t = generate().token;
         assert!(parse(&t[..t.len() - 1]).is_err());

@@ -1,0 +1,461 @@
+//! Authorization: one Cedar decision per classified action, with approval requirements.
+//!
+//! ```text
+//!  identity + groups ─┐
+//!  connection ────────┼─▶ Cedar request (schema-checked) ─▶ Authorizer ─▶ Decision
+//!  action + context ──┘                                      │
+//!                       determining permit has @approval(…) ─┴─▶ NeedsApproval
+//! ```
+//!
+//! Fail closed: a request the schema rejects, a policy that errors while evaluating, or a
+//! malformed `@approval` annotation all deny, and the reason says which.
+
+use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
+use std::time::Duration;
+
+use cedar_policy::{
+    Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityId, EntityTypeName,
+    EntityUid, PolicySet, Request, RestrictedExpression,
+};
+
+use crate::policy;
+
+/// Who is asking.
+#[derive(Debug, Clone)]
+pub struct Principal<'a> {
+    pub identity: &'a str,
+    pub groups: &'a [String],
+}
+
+/// What they ask about.
+#[derive(Debug, Clone)]
+pub struct Target<'a> {
+    pub connection: &'a str,
+    pub kind: &'a str,
+    pub environment: Option<&'a str>,
+}
+
+/// A context attribute value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Str(String),
+    Bool(bool),
+    Set(Vec<String>),
+}
+
+/// What a permit annotated `@approval("group=dba,quorum=2,timeout=15m,reason=required")` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalRequirement {
+    pub group: String,
+    pub quorum: u32,
+    pub timeout: Duration,
+    pub reason_required: bool,
+}
+
+impl FromStr for ApprovalRequirement {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut req = ApprovalRequirement {
+            group: String::new(),
+            quorum: 1,
+            timeout: Duration::from_secs(900),
+            reason_required: false,
+        };
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("`{part}` is not key=value"))?;
+            match k.trim() {
+                "group" => req.group = v.trim().to_string(),
+                "quorum" => {
+                    req.quorum = v
+                        .trim()
+                        .parse()
+                        .map_err(|_| format!("quorum `{v}` is not a number"))?;
+                    if req.quorum == 0 || req.quorum > 10 {
+                        return Err("quorum must be between 1 and 10".into());
+                    }
+                }
+                "timeout" => req.timeout = parse_duration(v.trim())?,
+                "reason" => req.reason_required = v.trim() == "required",
+                other => {
+                    return Err(format!(
+                        "unknown key `{other}` (use group, quorum, timeout, reason)"
+                    ))
+                }
+            }
+        }
+        if req.group.is_empty() {
+            return Err("`group=` is required".into());
+        }
+        Ok(req)
+    }
+}
+
+fn parse_duration(v: &str) -> Result<Duration, String> {
+    let (num, unit) = v.split_at(v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("timeout `{v}` must look like 30s, 15m or 2h"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" | "" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("timeout `{v}` must look like 30s, 15m or 2h")),
+    };
+    if secs == 0 || secs > 24 * 3600 {
+        return Err("timeout must be between 1 s and 24 h".into());
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+/// The outcome for one action.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Allow {
+        policies: Vec<String>,
+    },
+    /// `policies` are the forbids that fired (empty when nothing permitted the action).
+    Deny {
+        policies: Vec<String>,
+        reason: String,
+    },
+    NeedsApproval {
+        policies: Vec<String>,
+        requirement: ApprovalRequirement,
+    },
+}
+
+/// Check every `@approval` annotation of a validated set; a malformed one is an error at apply time.
+pub fn check_annotations(set: &PolicySet) -> Result<(), Vec<String>> {
+    let errors: Vec<String> = set
+        .policies()
+        .filter_map(|p| {
+            let a = p.annotation("approval")?;
+            a.parse::<ApprovalRequirement>()
+                .err()
+                .map(|e| format!("policy {}: @approval(\"{a}\"): {e}", p.id()))
+        })
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
+}
+
+/// A policy set ready to answer requests.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    set: PolicySet,
+    pub version: u64,
+}
+
+fn uid(ty: &str, id: &str) -> EntityUid {
+    EntityUid::from_type_name_and_id(
+        EntityTypeName::from_str(ty).expect("static type name"),
+        EntityId::new(id),
+    )
+}
+
+fn expr(v: &Value) -> RestrictedExpression {
+    match v {
+        Value::Str(s) => RestrictedExpression::new_string(s.clone()),
+        Value::Bool(b) => RestrictedExpression::new_bool(*b),
+        Value::Set(items) => RestrictedExpression::new_set(
+            items
+                .iter()
+                .map(|s| RestrictedExpression::new_string(s.clone())),
+        ),
+    }
+}
+
+impl Engine {
+    /// Validate `text` against the schema and its annotations. Version 0 with empty text denies all.
+    pub fn new(text: &str, version: u64) -> Result<Engine, Vec<String>> {
+        let v = policy::validate(text).map_err(|e| {
+            e.problems
+                .iter()
+                .map(|p| format!("line {}, column {}: {}", p.line, p.column, p.message))
+                .collect::<Vec<_>>()
+        })?;
+        check_annotations(&v.set)?;
+        Ok(Engine {
+            set: v.set,
+            version,
+        })
+    }
+
+    /// Decide one action. `context` must carry every attribute the action's context type declares.
+    pub fn authorize(
+        &self,
+        who: &Principal<'_>,
+        target: &Target<'_>,
+        action: &str,
+        context: &[(&str, Value)],
+    ) -> Decision {
+        let deny = |reason: String| Decision::Deny {
+            policies: vec![],
+            reason,
+        };
+        if !policy::is_valid_action(action) {
+            return deny(format!("unknown action {action}"));
+        }
+        let principal = uid("Custos::Identity", who.identity);
+        let resource = uid("Custos::Connection", target.connection);
+        let parents: HashSet<EntityUid> =
+            who.groups.iter().map(|g| uid("Custos::Group", g)).collect();
+        let groups = who
+            .groups
+            .iter()
+            .map(|g| Entity::new_no_attrs(uid("Custos::Group", g), HashSet::new()));
+        let mut conn_attrs = HashMap::from([(
+            "kind".to_string(),
+            RestrictedExpression::new_string(target.kind.to_string()),
+        )]);
+        if let Some(env) = target.environment {
+            conn_attrs.insert(
+                "environment".into(),
+                RestrictedExpression::new_string(env.to_string()),
+            );
+        }
+        let conn = match Entity::new(resource.clone(), conn_attrs, HashSet::new()) {
+            Ok(e) => e,
+            Err(e) => return deny(format!("bad connection entity: {e}")),
+        };
+        let schema = policy::schema();
+        let entities = match Entities::from_entities(
+            groups.chain([Entity::new_no_attrs(principal.clone(), parents), conn]),
+            Some(schema),
+        ) {
+            Ok(e) => e,
+            Err(e) => return deny(format!("entities rejected by the schema: {e}")),
+        };
+        let ctx = match Context::from_pairs(context.iter().map(|(k, v)| (k.to_string(), expr(v)))) {
+            Ok(c) => c,
+            Err(e) => return deny(format!("bad context: {e}")),
+        };
+        let request = match Request::new(
+            principal,
+            uid("Custos::Action", action),
+            resource,
+            ctx,
+            Some(schema),
+        ) {
+            Ok(r) => r,
+            Err(e) => return deny(format!("request rejected by the schema: {e}")),
+        };
+        let resp = Authorizer::new().is_authorized(&request, &self.set, &entities);
+        let policies: Vec<String> = resp.diagnostics().reason().map(|p| p.to_string()).collect();
+        let errors: Vec<String> = resp.diagnostics().errors().map(|e| e.to_string()).collect();
+        if !errors.is_empty() {
+            // An erroring forbid would silently not apply: refuse instead.
+            return Decision::Deny {
+                policies,
+                reason: format!("policy evaluation failed: {}", errors.join("; ")),
+            };
+        }
+        match resp.decision() {
+            CedarDecision::Deny if policies.is_empty() => deny(format!(
+                "no policy permits {action} on {}",
+                target.connection
+            )),
+            CedarDecision::Deny => Decision::Deny {
+                reason: format!("denied by policy {}", policies.join(", ")),
+                policies,
+            },
+            CedarDecision::Allow => {
+                let approval = policies.iter().find_map(|id| {
+                    self.set
+                        .annotation(&cedar_policy::PolicyId::new(id), "approval")
+                });
+                match approval.map(str::parse::<ApprovalRequirement>) {
+                    None => Decision::Allow { policies },
+                    Some(Ok(requirement)) => Decision::NeedsApproval {
+                        policies,
+                        requirement,
+                    },
+                    Some(Err(e)) => Decision::Deny {
+                        policies,
+                        reason: format!("malformed @approval annotation: {e}"),
+                    },
+                }
+            }
+        }
+    }
+}
+
+/// The SQL context for one classified statement.
+pub fn sql_context(s: &crate::classify::Statement) -> Vec<(&'static str, Value)> {
+    vec![
+        ("tables", Value::Set(s.tables.iter().cloned().collect())),
+        (
+            "functions",
+            Value::Set(s.functions.iter().cloned().collect()),
+        ),
+        ("has_where", Value::Bool(s.has_where)),
+        ("text", Value::Str(s.text.clone())),
+        ("statement_kind", Value::Str(s.statement_kind.clone())),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: &str = r#"
+@id("agents-read")
+permit (principal in Custos::Group::"agents", action in Custos::Action::"sql:read", resource);
+@id("dba-all")
+permit (principal in Custos::Group::"dba", action in Custos::Action::"sql:all", resource);
+@id("no-drop")
+forbid (principal, action == Custos::Action::"sql:drop", resource);
+@id("no-unbounded-delete")
+forbid (principal, action == Custos::Action::"sql:delete", resource) when { !context.has_where };
+@id("no-file-read")
+forbid (principal, action in Custos::Action::"sql:all", resource) when { context.functions.contains("pg_read_file") };
+@id("prod-writes-need-approval")
+@approval("group=dba-leads,quorum=2,timeout=10m,reason=required")
+permit (principal in Custos::Group::"agents", action in Custos::Action::"sql:write", resource)
+when { resource has environment && resource.environment == "production" };
+"#;
+
+    fn decide(engine: &Engine, groups: &[&str], env: Option<&str>, sql: &str) -> Vec<Decision> {
+        let groups: Vec<String> = groups.iter().map(|s| s.to_string()).collect();
+        let who = Principal {
+            identity: "agent:reporter",
+            groups: &groups,
+        };
+        let target = Target {
+            connection: "prod-pg",
+            kind: "postgres",
+            environment: env,
+        };
+        crate::classify::classify(sql)
+            .iter()
+            .flat_map(|s| {
+                let ctx = sql_context(s);
+                s.actions
+                    .iter()
+                    .map(|a| engine.authorize(&who, &target, a, &ctx))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn reads_allowed_forbids_win_and_unpermitted_is_denied() {
+        let e = Engine::new(POLICY, 1).unwrap();
+        assert!(
+            matches!(&decide(&e, &["agents"], None, "SELECT * FROM orders")[0], Decision::Allow { policies } if policies == &["agents-read"])
+        );
+        assert!(
+            matches!(&decide(&e, &["dba"], None, "DROP TABLE orders")[0], Decision::Deny { policies, .. } if policies == &["no-drop"])
+        );
+        assert!(
+            matches!(&decide(&e, &["dba"], None, "DELETE FROM orders")[0], Decision::Deny { policies, .. } if policies == &["no-unbounded-delete"])
+        );
+        assert!(matches!(
+            &decide(&e, &["dba"], None, "DELETE FROM orders WHERE id = 1")[0],
+            Decision::Allow { .. }
+        ));
+        assert!(
+            matches!(&decide(&e, &["agents"], None, "SELECT pg_read_file('/etc/passwd')")[0], Decision::Deny { policies, .. } if policies == &["no-file-read"])
+        );
+        match &decide(&e, &["agents"], None, "INSERT INTO t VALUES (1)")[0] {
+            Decision::Deny { policies, reason } => {
+                assert!(policies.is_empty());
+                assert!(reason.contains("no policy permits sql:insert"), "{reason}");
+            }
+            d => panic!("{d:?}"),
+        }
+        // A CTE hiding a DELETE: the delete action is judged too.
+        let ds = decide(
+            &e,
+            &["agents"],
+            None,
+            "WITH d AS (DELETE FROM orders RETURNING *) SELECT * FROM d",
+        );
+        assert!(
+            ds.iter().any(|d| matches!(d, Decision::Deny { .. })),
+            "{ds:?}"
+        );
+    }
+
+    #[test]
+    fn annotated_permits_ask_for_approval() {
+        let e = Engine::new(POLICY, 1).unwrap();
+        match &decide(
+            &e,
+            &["agents"],
+            Some("production"),
+            "UPDATE orders SET x = 1 WHERE id = 2",
+        )[0]
+        {
+            Decision::NeedsApproval {
+                policies,
+                requirement,
+            } => {
+                assert_eq!(policies, &["prod-writes-need-approval"]);
+                assert_eq!(
+                    requirement,
+                    &ApprovalRequirement {
+                        group: "dba-leads".into(),
+                        quorum: 2,
+                        timeout: Duration::from_secs(600),
+                        reason_required: true
+                    }
+                );
+            }
+            d => panic!("{d:?}"),
+        }
+        // Outside production the annotated permit does not apply.
+        assert!(matches!(
+            &decide(
+                &e,
+                &["agents"],
+                Some("staging"),
+                "UPDATE orders SET x = 1 WHERE id = 2"
+            )[0],
+            Decision::Deny { .. }
+        ));
+    }
+
+    #[test]
+    fn bad_annotations_and_unknown_actions_fail_closed() {
+        let bad = "@approval(\"quorum=2\")\npermit(principal, action == Custos::Action::\"sql:select\", resource);";
+        let errs = Engine::new(bad, 1).unwrap_err();
+        assert!(errs[0].contains("group="), "{errs:?}");
+        assert!("group=x,timeout=99d"
+            .parse::<ApprovalRequirement>()
+            .is_err());
+        assert!("group=x,color=red".parse::<ApprovalRequirement>().is_err());
+        let e = Engine::new(POLICY, 1).unwrap();
+        let who = Principal {
+            identity: "a",
+            groups: &[],
+        };
+        let t = Target {
+            connection: "c",
+            kind: "postgres",
+            environment: None,
+        };
+        assert!(matches!(
+            e.authorize(&who, &t, "sql:nuke", &[]),
+            Decision::Deny { .. }
+        ));
+        // A context missing required attributes is rejected by the schema: deny.
+        match e.authorize(&who, &t, "sql:select", &[]) {
+            Decision::Deny { reason, .. } => assert!(reason.contains("schema"), "{reason}"),
+            d => panic!("{d:?}"),
+        }
+        // No policy at all denies everything.
+        let empty = Engine::new("", 0).unwrap();
+        assert!(matches!(
+            &decide(&empty, &["dba"], None, "SELECT 1")[0],
+            Decision::Deny { .. }
+        ));
+    }
+}
