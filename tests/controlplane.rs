@@ -108,6 +108,16 @@ async fn stopped_node_catches_up_from_snapshot_and_a_new_node_joins() -> Result<
     let (code, out, _) = cli(&n4, &["cluster", "status"]);
     assert_eq!(code, 0);
     assert_eq!(out.matches("voter").count(), 4, "{out}");
+
+    // Remove the node that was stopped earlier (sent to any node, executed by the leader).
+    let gone = nodes[victim].id.to_string();
+    let (code, out, err) = cli(&n4, &["cluster", "remove", "--id", &gone]);
+    assert_eq!(code, 0, "cluster remove: {out}{err}");
+    assert_eq!(out.matches("voter").count(), 3, "{out}");
+    assert!(!out.contains(&format!("\n  {gone} ")), "{out}");
+    let (code, _, err) = cli(&n4, &["cluster", "remove", "--id", "99"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("not a voter"), "{err}");
     Ok(())
 }
 
