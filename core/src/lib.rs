@@ -12,7 +12,6 @@
 //! - [`policy`]: the Cedar schema and policy validation.
 //! - [`authz`]: one Cedar decision per classified action, with `@approval` requirements.
 //! - [`classify`]: SQL classification with the PostgreSQL parser (statement kind, tables, functions).
-//! - [`mask`]: the masking engine (column rules, content detectors, strategies).
 //! - [`token`]: custos-issued tokens (only their hashes are stored).
 //! - [`secrets`]: AEAD encryption of connection credentials at rest.
 #![forbid(unsafe_code)]
@@ -22,7 +21,6 @@ pub mod authz;
 pub mod bus;
 pub mod classify;
 pub mod events;
-pub mod mask;
 pub mod policy;
 pub mod secrets;
 pub mod token;

@@ -1,1 +1,0 @@
-//! Masking engine (in progress).
