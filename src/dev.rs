@@ -76,11 +76,11 @@ pub async fn run(args: DevArgs) -> Result<()> {
 
 pub async fn run_node(cfg: ControlPlaneConfig) -> Result<()> {
     let input = match cfg.bus.kind {
-        BusKind::Nats => EventInput::Nats(
+        BusKind::Nats => EventInput::Nats(Box::new(
             NatsBus::connect(cfg.bus.nats.clone())
                 .await
                 .context("the control plane ingests events from NATS ([bus] kind = \"nats\")")?,
-        ),
+        )),
         BusKind::None => EventInput::None,
         BusKind::Inproc => bail!(
             "[bus] kind = \"inproc\" works only inside `custos dev`; use \"nats\" or \"none\""

@@ -18,7 +18,7 @@ const COMMIT_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub(crate) enum Input {
     InProc(Arc<Mutex<InProcSource>>),
-    Nats(NatsBus),
+    Nats(Box<NatsBus>),
 }
 
 pub(crate) async fn run(inner: Arc<Inner>, input: Input, mut shutdown: watch::Receiver<bool>) {

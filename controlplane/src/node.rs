@@ -73,7 +73,7 @@ pub enum EventInput {
     /// `custos dev`: the in-process bus.
     InProc(InProcSource),
     /// Production: a durable pull consumer on NATS JetStream.
-    Nats(NatsBus),
+    Nats(Box<NatsBus>),
 }
 
 pub(crate) struct Inner {
@@ -232,7 +232,7 @@ impl ControlPlane {
                 if config.siem.enabled {
                     tasks.push(tokio::spawn(crate::siem::run(
                         inner.clone(),
-                        bus,
+                        *bus,
                         shutdown_rx.clone(),
                     )));
                 }

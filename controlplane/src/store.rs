@@ -17,6 +17,9 @@
 //! Applying a batch of entries writes one RocksDB `WriteBatch` that also moves `applied`, so a
 //! crash never leaves an entry half applied: on restart openraft re-applies from `applied`.
 
+// openraft's trait methods return `StorageError`, a large type we do not choose.
+#![allow(clippy::result_large_err)]
+
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
 use std::io::Cursor;

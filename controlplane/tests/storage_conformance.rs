@@ -1,4 +1,5 @@
 //! openraft's storage conformance suite, run against the RocksDB log store and state machine.
+#![allow(clippy::result_large_err)] // the suite's signatures return openraft's StorageError
 
 use custos_controlplane::store::{self, LogStore, StateMachine};
 use custos_controlplane::types::{NodeId, TypeConfig};
