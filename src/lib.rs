@@ -5,6 +5,7 @@
 
 mod client;
 mod dev;
+mod mask_cmd;
 mod render;
 
 use std::path::PathBuf;
@@ -58,6 +59,8 @@ pub struct Global {
 pub enum Command {
     /// Run a one-node control plane with an in-process event bus (no NATS, no cluster).
     Dev(dev::DevArgs),
+    /// Mask secrets and personal data in a file or stdin with the same engine the edges use.
+    Mask(mask_cmd::MaskArgs),
     /// Run one control-plane node.
     Controlplane {
         #[arg(long, short)]
@@ -253,6 +256,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
     let g = cli.global.clone();
     match cli.command {
         Command::Dev(args) => dev::run(args).await.map(|_| 0),
+        Command::Mask(args) => mask_cmd::run(args),
         Command::Controlplane { config } => {
             let cfg = custos_controlplane::ControlPlaneConfig::load(&config)?;
             dev::run_node(cfg).await.map(|_| 0)

@@ -9,6 +9,7 @@
 //! - [`events`]: building events (UUIDv7 ids, timestamps) and naming their bus subjects.
 //! - [`bus`]: the one event-bus trait and its in-process and NATS JetStream implementations.
 //! - [`audit`]: the canonical record's hash chain and its OCSF-shaped JSON form for SIEMs.
+//! - [`mask`]: the masking engine (column rules, content detectors, strategies, streaming).
 //! - [`policy`]: the Cedar schema and policy validation.
 //! - [`authz`]: one Cedar decision per classified action, with `@approval` requirements.
 //! - [`classify`]: SQL classification with the PostgreSQL parser (statement kind, tables, functions).
@@ -21,6 +22,7 @@ pub mod authz;
 pub mod bus;
 pub mod classify;
 pub mod events;
+pub mod mask;
 pub mod policy;
 pub mod secrets;
 pub mod token;

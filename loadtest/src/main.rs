@@ -13,6 +13,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod mask_bench;
+
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use custos_core::bus::{EventBus, NatsBus, NatsConfig};
@@ -51,6 +53,14 @@ enum Cmd {
         #[arg(long)]
         custos: Option<PathBuf>,
         /// Append a Markdown row to this file.
+        #[arg(long)]
+        markdown: Option<PathBuf>,
+    },
+    /// Masking engine throughput (MB/s per core), recall and precision on a generated corpus.
+    Mask {
+        #[arg(long, default_value_t = 64)]
+        megabytes: usize,
+        /// Append the table to this file.
         #[arg(long)]
         markdown: Option<PathBuf>,
     },
@@ -291,6 +301,21 @@ async fn main() -> Result<()> {
             let custos =
                 custos.unwrap_or_else(|| std::env::current_exe().unwrap().with_file_name("custos"));
             ingest(nodes, events, inflight, batch, custos, markdown).await
+        }
+        Cmd::Mask {
+            megabytes,
+            markdown,
+        } => {
+            let table = mask_bench::run(megabytes)?;
+            println!("{table}");
+            if let Some(md) = markdown {
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(md)?;
+                writeln!(f, "{table}")?;
+            }
+            Ok(())
         }
     }
 }

@@ -1,0 +1,122 @@
+//! Streaming masking for SSE / LLM token streams, where chunk boundaries fall anywhere.
+//!
+//! The stream keeps a buffer: already released text it still needs as look-behind (at most
+//! `ctx_keep` bytes) followed by the pending, unreleased text. Each push runs the same analysis
+//! as [`super::Masker::mask_text`] over the pending part with "more may follow" set. Every
+//! confirmation reads a bounded window around its trigger; a window that reaches past the buffer
+//! reports that it needs more, and the analysis returns a *frontier*: the lowest position where a
+//! match that is not decided yet could start (an undecided trigger, a literal anchor that may be
+//! starting in the last bytes, an e-mail local part or an IBAN/phone lead at the very end).
+//! Everything before the frontier is final: it is released, with the matches that start there
+//! replaced, and a released match may end beyond the frontier.
+//!
+//! Because decided windows see exactly the bytes `mask_text` would see, the concatenated output
+//! equals `mask_text` of the whole input for every chunking (tests check every split offset).
+//!
+//! Hold-back bound: after `push` returns at most [`StreamMasker::max_holdback`] bytes are
+//! pending. It is the longest window of an enabled detector, plus 4: with every detector
+//! enabled, the PEM private-key cap (16 KiB) dominates; without `private_key`,
+//! `gcp_service_account_key`, `http_auth` and `jwt` it is under 1 KiB. In practice much less is
+//! held: only from the start of a possible match, so plain prose is released up to its last word.
+
+use std::sync::Arc;
+
+use super::detect::Cand;
+use super::{select, Inner, Stats};
+
+/// Masks a stream chunk by chunk; see the module documentation for the guarantees.
+pub struct StreamMasker {
+    inner: Arc<Inner>,
+    clear: bool,
+    /// Look-behind context (already released) followed by the pending text.
+    buf: String,
+    /// Start of the pending text in `buf`.
+    released: usize,
+    cands: Vec<Cand>,
+}
+
+impl std::fmt::Debug for StreamMasker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamMasker")
+            .field("clear", &self.clear)
+            .field("pending", &self.pending())
+            .finish_non_exhaustive()
+    }
+}
+
+impl StreamMasker {
+    pub(crate) fn new(inner: Arc<Inner>, clear: bool) -> StreamMasker {
+        StreamMasker {
+            inner,
+            clear,
+            buf: String::new(),
+            released: 0,
+            cands: Vec::new(),
+        }
+    }
+
+    /// Add a chunk; returns the text that is safe to release now (possibly empty).
+    pub fn push(&mut self, chunk: &str, stats: &mut Stats) -> String {
+        if self.clear {
+            return chunk.to_owned();
+        }
+        self.buf.push_str(chunk);
+        self.step(true, stats)
+    }
+
+    /// The stream ended: release everything that is left. The masker can then start a new stream.
+    pub fn finish(&mut self, stats: &mut Stats) -> String {
+        if self.clear {
+            return String::new();
+        }
+        let out = self.step(false, stats);
+        self.buf.clear();
+        self.released = 0;
+        out
+    }
+
+    /// Bytes received but not released yet.
+    pub fn pending(&self) -> usize {
+        self.buf.len() - self.released
+    }
+
+    /// The most bytes that can be pending after [`push`](Self::push) returns.
+    pub fn max_holdback(&self) -> usize {
+        if self.clear {
+            0
+        } else {
+            self.inner.engine().holdback()
+        }
+    }
+
+    fn step(&mut self, more: bool, stats: &mut Stats) -> String {
+        let from = self.released;
+        let n = self.buf.len();
+        if from == n {
+            return String::new();
+        }
+        let engine = self.inner.engine();
+        self.cands.clear();
+        let frontier = engine.analyze(self.buf.as_bytes(), from, more, &mut self.cands);
+        let mut frontier = frontier.clamp(from, n);
+        while !self.buf.is_char_boundary(frontier) {
+            frontier -= 1;
+        }
+        select(&mut self.cands, from, frontier);
+        let upto = self.cands.last().map_or(frontier, |c| c.end.max(frontier));
+        let mut out = String::with_capacity(self.inner.rendered_len(upto - from, &self.cands));
+        self.inner
+            .render(&self.buf, from, upto, &self.cands, &mut out, stats);
+        self.released = upto;
+        // Drop released text beyond the look-behind context (in blocks, to move bytes rarely).
+        let mut cut = self.released.saturating_sub(engine.ctx_keep());
+        if cut >= 4096 || (cut > 0 && cut * 2 >= self.buf.len()) {
+            while !self.buf.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            self.buf.drain(..cut);
+            self.released -= cut;
+        }
+        out
+    }
+}
