@@ -12,6 +12,7 @@ pkg_installed libclang-dev || need_pkgs+=(libclang-dev)
 pkg_installed clang || need_pkgs+=(clang)
 have nats-server || [ -x /usr/sbin/nats-server ] || need_pkgs+=(nats-server)
 have g++ || need_pkgs+=(g++)
+have openssl || need_pkgs+=(openssl)   # the mutual-TLS test makes its certificates with it
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "installing: ${need_pkgs[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -36,5 +37,6 @@ fi
 if have cargo-nextest; then
   cargo nextest run --workspace --no-fail-fast
 else
-  cargo test --workspace --no-fail-fast
+  # Without nextest's test groups, run one test at a time: cluster tests share 2 cores badly.
+  cargo test --workspace --no-fail-fast -- --test-threads=1
 fi

@@ -356,14 +356,7 @@ impl Inner {
         if learner_only {
             return Ok(());
         }
-        let mut voters: BTreeSet<NodeId> = self
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .collect();
+        let mut voters = self.voters();
         voters.insert(id);
         self.raft
             .change_membership(voters, false)
@@ -372,15 +365,19 @@ impl Inner {
         Ok(())
     }
 
-    pub(crate) async fn remove_node(&self, id: NodeId) -> Result<(), String> {
-        let mut voters: BTreeSet<NodeId> = self
-            .raft
+    /// The current voter ids, as this node sees the membership.
+    fn voters(&self) -> BTreeSet<NodeId> {
+        self.raft
             .metrics()
             .borrow()
             .membership_config
             .membership()
             .voter_ids()
-            .collect();
+            .collect()
+    }
+
+    pub(crate) async fn remove_node(&self, id: NodeId) -> Result<(), String> {
+        let mut voters = self.voters();
         if !voters.remove(&id) {
             return Err(format!("node {id} is not a voter"));
         }
