@@ -203,8 +203,7 @@ async fn malformed_events_are_parked_and_do_not_block_ingest() -> Result<()> {
     let root = tempfile::tempdir()?;
     let opts = ClusterOpts {
         nats_url: Some(nats.url()),
-        snapshot_every: 5000,
-        keep_logs: 1000,
+        ..Default::default()
     };
     let mut nodes = cluster(root.path(), &[1], &[1], &opts)?;
     nodes[0].spawn()?;
@@ -265,16 +264,7 @@ async fn malformed_events_are_parked_and_do_not_block_ingest() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_policy_is_rejected_and_the_previous_version_stays() -> Result<()> {
     let root = tempfile::tempdir()?;
-    let mut nodes = cluster(
-        root.path(),
-        &[1],
-        &[1],
-        &ClusterOpts {
-            nats_url: None,
-            snapshot_every: 5000,
-            keep_logs: 1000,
-        },
-    )?;
+    let mut nodes = cluster(root.path(), &[1], &[1], &ClusterOpts::default())?;
     nodes[0].spawn()?;
     let server = nodes[0].server();
     eventually(Duration::from_secs(20), "leader", || async {
@@ -383,16 +373,7 @@ async fn a_bad_policy_is_rejected_and_the_previous_version_stays() -> Result<()>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_secrets_are_sealed_and_never_returned_to_admins() -> Result<()> {
     let root = tempfile::tempdir()?;
-    let mut nodes = cluster(
-        root.path(),
-        &[1],
-        &[1],
-        &ClusterOpts {
-            nats_url: None,
-            snapshot_every: 5000,
-            keep_logs: 1000,
-        },
-    )?;
+    let mut nodes = cluster(root.path(), &[1], &[1], &ClusterOpts::default())?;
     nodes[0].spawn()?;
     let server = nodes[0].server();
     eventually(Duration::from_secs(20), "leader", || async {
@@ -532,16 +513,7 @@ async fn edges_follow_configuration_and_keep_it_when_the_control_plane_goes_away
     use custos_edge::watch::{run, EdgeConfig, WatchOptions};
     use std::sync::Arc;
     let root = tempfile::tempdir()?;
-    let mut nodes = cluster(
-        root.path(),
-        &[1],
-        &[1],
-        &ClusterOpts {
-            nats_url: None,
-            snapshot_every: 5000,
-            keep_logs: 1000,
-        },
-    )?;
+    let mut nodes = cluster(root.path(), &[1], &[1], &ClusterOpts::default())?;
     nodes[0].spawn()?;
     let server = nodes[0].server();
     eventually(Duration::from_secs(20), "leader", || async {
@@ -682,8 +654,7 @@ async fn committed_records_are_republished_as_ocsf_json_for_siems() -> Result<()
         &[1],
         &ClusterOpts {
             nats_url: Some(nats.url()),
-            snapshot_every: 5000,
-            keep_logs: 1000,
+            ..Default::default()
         },
     )?;
     nodes[0].spawn()?;
@@ -760,16 +731,7 @@ async fn mutual_tls_between_nodes_and_clients() -> Result<()> {
     let pki = root.path().join("pki");
     std::fs::create_dir_all(&pki)?;
     make_pki(&pki, &["node", "cli"])?;
-    let mut nodes = cluster(
-        root.path(),
-        &[1, 2, 3],
-        &[1, 2, 3],
-        &ClusterOpts {
-            nats_url: None,
-            snapshot_every: 5000,
-            keep_logs: 1000,
-        },
-    )?;
+    let mut nodes = cluster(root.path(), &[1, 2, 3], &[1, 2, 3], &ClusterOpts::default())?;
     for n in nodes.iter_mut() {
         let mut text = std::fs::read_to_string(&n.config)?;
         text.push_str(&format!(
@@ -835,16 +797,7 @@ async fn mutual_tls_between_nodes_and_clients() -> Result<()> {
 async fn writes_without_a_majority_fail_with_a_clear_error() -> Result<()> {
     let root = tempfile::tempdir()?;
     // Three initial members, only one started: no leader can be elected.
-    let mut nodes = cluster(
-        root.path(),
-        &[1, 2, 3],
-        &[1, 2, 3],
-        &ClusterOpts {
-            nats_url: None,
-            snapshot_every: 5000,
-            keep_logs: 1000,
-        },
-    )?;
+    let mut nodes = cluster(root.path(), &[1, 2, 3], &[1, 2, 3], &ClusterOpts::default())?;
     nodes[0].spawn()?;
     let (code, out, err) = cli(&nodes[0].server(), &["token", "issue", "bob"]);
     assert_ne!(code, 0, "{out}");

@@ -143,6 +143,17 @@ pub struct ClusterOpts {
     pub keep_logs: u64,
 }
 
+impl Default for ClusterOpts {
+    /// No bus, and snapshots rare enough that no test sees one unless it asks.
+    fn default() -> Self {
+        ClusterOpts {
+            nats_url: None,
+            snapshot_every: 5000,
+            keep_logs: 1000,
+        }
+    }
+}
+
 /// Write configs for `ids` (all initial members) and return the unstarted processes.
 /// Every node shares the same secret key, cluster secret and admin token files.
 pub fn cluster(
