@@ -13,6 +13,10 @@ pkg_installed clang || need_pkgs+=(clang)
 have nats-server || [ -x /usr/sbin/nats-server ] || need_pkgs+=(nats-server)
 have g++ || need_pkgs+=(g++)
 have openssl || need_pkgs+=(openssl)   # the mutual-TLS test makes its certificates with it
+# The edge tests start private PostgreSQL servers (initdb/postgres) and drive them with psql.
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_pkgs+=(postgresql)
+have psql || need_pkgs+=(postgresql-client)
+have setpriv || need_pkgs+=(util-linux)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "installing: ${need_pkgs[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -243,6 +243,17 @@ impl Client {
             .records)
     }
 
+    /// One page of an audit query.
+    pub async fn query(&mut self, q: pb::AuditQuery) -> Result<pb::AuditRecords> {
+        let r = self.req(q);
+        Ok(self
+            .audit
+            .query(r)
+            .await
+            .map_err(|s| self.err(s))?
+            .into_inner())
+    }
+
     /// Records with seq > `after_seq`, unfiltered, in order.
     pub async fn search_after(
         &mut self,

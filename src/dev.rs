@@ -16,6 +16,16 @@ pub struct DevArgs {
     /// Control-plane gRPC listen address.
     #[arg(long, default_value = "127.0.0.1:7400")]
     pub listen: String,
+    /// The edge's Postgres listen address; "off" runs no edge.
+    #[arg(long, default_value = "127.0.0.1:15432")]
+    pub postgres_listen: String,
+    /// Masking rules for the edge (a TOML file with a [masking] table; see docs/masking.md).
+    #[arg(long)]
+    pub masking: Option<PathBuf>,
+    /// Accept tokens over Postgres connections without TLS (the dev edge has a certificate;
+    /// this is for clients that cannot do TLS).
+    #[arg(long)]
+    pub allow_insecure_password: bool,
 }
 
 /// The configuration `custos dev` runs with.
@@ -32,7 +42,7 @@ pub fn dev_config(args: &DevArgs) -> ControlPlaneConfig {
     cfg
 }
 
-async fn wait_for_signal() {
+pub(crate) async fn wait_for_signal() {
     #[cfg(unix)]
     {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -52,8 +62,16 @@ pub async fn run(args: DevArgs) -> Result<()> {
     let (bus, source) = InProcBus::new(4096);
     let node = ControlPlane::start(cfg.clone(), EventInput::InProc(source)).await?;
     let token_file = cfg.node.data_dir.join("admin.token");
+    let edge = if args.postgres_listen != "off" {
+        Some(start_edge(&args, &cfg, node.addr().to_string(), &token_file, bus.clone()).await?)
+    } else {
+        None
+    };
     println!("custos dev is running (one node, in-process event bus)");
     println!("  control plane  http://{}", node.addr());
+    if let Some(a) = edge.as_ref().and_then(|e| e.postgres_addr) {
+        println!("  postgres edge  {a} (TLS with {}/edge.crt)", cfg.node.data_dir.display());
+    }
     println!("  data           {}", cfg.node.data_dir.display());
     println!("  admin token    {}", token_file.display());
     println!();
@@ -65,13 +83,42 @@ pub async fn run(args: DevArgs) -> Result<()> {
     );
     println!("  custos policy apply deploy/examples/policies/agents.cedar");
     println!("  custos token issue agent:reporter --group agents --ttl 8h");
+    println!("  custos connection put app --kind postgres --address 127.0.0.1:5432 -o database=app -s username=app -s password=env:APP_PW");
+    println!("  psql \"host=127.0.0.1 port=15432 sslmode=require user=agent:reporter dbname=app password=<token>\"");
     println!("  custos audit tail --follow");
-    // The edge (next release) publishes through this bus; keep it alive for the process lifetime.
-    let _bus = bus;
     wait_for_signal().await;
     eprintln!("shutting down");
+    if let Some(e) = edge {
+        e.shutdown();
+    }
     node.shutdown().await;
     Ok(())
+}
+
+async fn start_edge(
+    args: &DevArgs,
+    cfg: &ControlPlaneConfig,
+    server: String,
+    token_file: &std::path::Path,
+    bus: InProcBus,
+) -> Result<custos_edge::Edge> {
+    let (cert, key) = crate::edge_cmd::dev_certificate(&cfg.node.data_dir)?;
+    let mut ecfg = custos_edge::config::EdgeFileConfig::default();
+    ecfg.edge.id = "dev".into();
+    ecfg.controlplane.servers = vec![server];
+    ecfg.controlplane.token_file = Some(token_file.to_path_buf());
+    ecfg.postgres.listen = args.postgres_listen.clone();
+    ecfg.postgres.tls_cert = Some(cert);
+    ecfg.postgres.tls_key = Some(key);
+    ecfg.postgres.allow_insecure_password = args.allow_insecure_password;
+    if let Some(path) = &args.masking {
+        ecfg.masking = crate::mask_cmd::load_config(path)?;
+    }
+    ecfg.validate()?;
+    let setup = crate::edge_cmd::setup(&ecfg, std::sync::Arc::new(bus))?;
+    let edge = custos_edge::Edge::start(setup).await?;
+    edge.wait_synced(std::time::Duration::from_secs(10)).await;
+    Ok(edge)
 }
 
 pub async fn run_node(cfg: ControlPlaneConfig) -> Result<()> {

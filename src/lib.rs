@@ -5,8 +5,10 @@
 
 mod client;
 mod dev;
+mod edge_cmd;
 mod mask_cmd;
 mod render;
+pub mod replay;
 
 use std::path::PathBuf;
 
@@ -65,6 +67,18 @@ pub enum Command {
     Controlplane {
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Run an edge: the data-path listeners (Postgres on 15432), following the control plane.
+    Edge {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Print a session's transcript: statements, verdicts, approvals, result excerpts, errors.
+    Replay {
+        session: String,
+        /// One JSON document (an array of entries) for tools.
+        #[arg(long)]
+        json: bool,
     },
     /// Policies: validate, apply, get.
     #[command(subcommand)]
@@ -257,6 +271,18 @@ pub async fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Dev(args) => dev::run(args).await.map(|_| 0),
         Command::Mask(args) => mask_cmd::run(args),
+        Command::Edge { config } => edge_cmd::run(&config).await.map(|_| 0),
+        Command::Replay { session, json } => {
+            let mut c = Client::connect(&g).await?;
+            let events = replay::records(&mut c, &session).await?;
+            let entries = replay::transcript(&events);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&entries)?);
+            } else {
+                print!("{}", replay::text(&entries));
+            }
+            Ok(0)
+        }
         Command::Controlplane { config } => {
             let cfg = custos_controlplane::ControlPlaneConfig::load(&config)?;
             dev::run_node(cfg).await.map(|_| 0)

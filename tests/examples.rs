@@ -20,12 +20,24 @@ fn every_example_config_loads() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
     let tomls: Vec<_> = files(&root, "toml")
         .into_iter()
-        .filter(|p| !p.ends_with("masking.toml"))
+        .filter(|p| !p.ends_with("masking.toml") && !p.to_string_lossy().contains("/edge/"))
         .collect();
     assert!(tomls.len() >= 4, "{tomls:?}");
     for p in tomls {
         custos_controlplane::ControlPlaneConfig::load(&p)
             .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    }
+}
+
+#[test]
+fn every_example_edge_config_loads() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/examples/edge");
+    let tomls = files(&root, "toml");
+    assert!(!tomls.is_empty());
+    for p in tomls {
+        let cfg = custos_edge::config::EdgeFileConfig::load(&p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert!(cfg.oidc.is_some() && cfg.postgres.tls_cert.is_some(), "{}", p.display());
     }
 }
 

@@ -15,6 +15,7 @@
 //! - [`classify`]: SQL classification with the PostgreSQL parser (statement kind, tables, functions).
 //! - [`token`]: custos-issued tokens (only their hashes are stored).
 //! - [`secrets`]: AEAD encryption of connection credentials at rest.
+//! - [`oidc`]: OIDC JWT verification against the identity provider's JWKS (file or URL).
 #![forbid(unsafe_code)]
 
 pub mod audit;
@@ -23,6 +24,7 @@ pub mod bus;
 pub mod classify;
 pub mod events;
 pub mod mask;
+pub mod oidc;
 pub mod policy;
 pub mod secrets;
 pub mod token;

@@ -1,14 +1,124 @@
-//! custos-edge: the data-path side of custos.
-//!
-//! This release holds the piece every protocol listener builds on: [`watch`], which follows the
-//! control plane's EdgeSync stream (a snapshot, then every change) and keeps the current
-//! configuration in a `tokio::sync::watch` value. The hot path reads the snapshot (an `Arc`) and
-//! never calls the network. The protocol listeners (PostgreSQL first) plug in next.
+//! custos-edge: the stateless data-path process.
 //!
 //! ```text
-//!  control plane ──EdgeSync.Watch (gRPC stream)──▶ watch::run ──▶ watch::Receiver<Arc<EdgeConfig>>
-//!                    reconnect with backoff; keep the last config while the control plane is away
+//!  control plane ──EdgeSync──▶ watch (EdgeConfig in memory, swapped atomically)
+//!                                   │
+//!  client ──▶ pg listener ──▶ pipeline: authenticate → classify → authorize → hold → forward → mask → record
+//!                                                                                               │
+//!                                                                    bus (NATS / in-process) ◀──┘
 //! ```
-#![forbid(unsafe_code)]
+//!
+//! - [`watch`]: follows the control plane; keeps the last good configuration when it is away.
+//! - [`pipeline`]: the protocol-independent steps every listener shares.
+//! - [`pg`]: the PostgreSQL listener and relay.
+//! - [`config`]: `custos edge --config FILE`.
 
+pub mod config;
+pub mod pg;
+pub mod pipeline;
 pub mod watch;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use custos_core::bus::EventBus;
+use custos_core::mask::{MaskConfig, Masker};
+use custos_core::oidc::{OidcConfig, OidcVerifier};
+use tokio::sync::watch as tokio_watch;
+
+use pipeline::{ApprovalHook, Authenticator, Policies, Recorder, Services};
+
+/// Why the edge could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: String, reason: String },
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Everything an edge needs to start.
+pub struct EdgeSetup {
+    pub id: String,
+    pub watch: watch::WatchOptions,
+    pub bus: Arc<dyn EventBus>,
+    /// Postgres listen address and options; `None` disables the listener.
+    pub postgres: Option<(String, pg::PgOptions)>,
+    pub masking: MaskConfig,
+    pub oidc: Option<OidcConfig>,
+    pub approvals: Arc<dyn ApprovalHook>,
+}
+
+/// A running edge.
+pub struct Edge {
+    pub postgres_addr: Option<SocketAddr>,
+    pub config: tokio_watch::Receiver<Arc<watch::EdgeConfig>>,
+    shutdown: tokio_watch::Sender<bool>,
+}
+
+impl Edge {
+    pub async fn start(setup: EdgeSetup) -> Result<Edge, EdgeError> {
+        let masker = Arc::new(
+            Masker::new(&setup.masking).map_err(|e| EdgeError::Config(format!("[masking] {e}")))?,
+        );
+        if masker.demo_key_in_use() {
+            tracing::warn!("[masking] hash_key is not set: hashed values can be recomputed by anyone; set it in production");
+        }
+        let oidc = match setup.oidc {
+            Some(c) => Some(Arc::new(
+                OidcVerifier::new(c)
+                    .await
+                    .map_err(|e| EdgeError::Config(format!("[oidc] {e}")))?,
+            )),
+            None => None,
+        };
+        let (shutdown, shutdown_rx) = tokio_watch::channel(false);
+        let (cfg_tx, cfg_rx) = tokio_watch::channel(Arc::new(watch::EdgeConfig::default()));
+        tokio::spawn(watch::run(setup.watch, cfg_tx, shutdown_rx.clone()));
+        let services = Services {
+            edge_id: setup.id.clone(),
+            config: cfg_rx.clone(),
+            policies: Arc::new(Policies::default()),
+            auth: Authenticator { oidc },
+            approvals: setup.approvals,
+            recorder: Recorder::new(setup.bus, shutdown_rx.clone()),
+            masker,
+        };
+        let mut postgres_addr = None;
+        if let Some((addr, opts)) = setup.postgres {
+            let listener = tokio::net::TcpListener::bind(&addr)
+                .await
+                .map_err(|e| EdgeError::Listen {
+                    addr: addr.clone(),
+                    reason: e.to_string(),
+                })?;
+            postgres_addr = listener.local_addr().ok();
+            let edge = pg::PgEdge::new(services.clone(), opts);
+            tokio::spawn(edge.serve(listener, shutdown_rx.clone()));
+        }
+        Ok(Edge {
+            postgres_addr,
+            config: cfg_rx,
+            shutdown,
+        })
+    }
+
+    /// Wait until the first configuration arrived (or `within` passed); true when synced.
+    pub async fn wait_synced(&self, within: Duration) -> bool {
+        let mut rx = self.config.clone();
+        tokio::time::timeout(within, rx.wait_for(|c| c.synced))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    pub fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

@@ -1,6 +1,9 @@
 //! Test harness: real nats-server and real `custos` processes on ephemeral loopback ports.
 #![allow(dead_code)]
 
+pub mod edge;
+pub mod pg;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -97,7 +97,9 @@ pub struct Statement {
     pub text: String,
     /// False when the input did not parse.
     pub parsed: bool,
-    /// The prepared statement this one runs or drops: `EXECUTE name`, `DEALLOCATE name`,
+    /// The prepared statement this one defines, runs or drops: `PREPARE name AS …` (its own
+    /// actions, tables and functions are those of the prepared body), `EXECUTE name`,
+    /// `DEALLOCATE name`,
     /// `EXPLAIN ANALYZE EXECUTE name`, `CREATE TABLE ... AS EXECUTE name`. The edge adds the
     /// actions of what `PREPARE name` classified.
     pub prepared_name: Option<String>,

@@ -663,7 +663,7 @@ fn classify_prepared_names() {
     );
     assert_eq!(one("SELECT 1").prepared_name, None);
     let prepare = one("PREPARE p AS DELETE FROM t");
-    assert_eq!(prepare.prepared_name, None);
+    assert_eq!(prepare.prepared_name.as_deref(), Some("p"));
     assert_eq!(prepare.actions, ["sql:prepare", "sql:delete"]);
 }
 

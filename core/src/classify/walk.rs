@@ -316,7 +316,7 @@ impl Walker {
             {
                 self.action(UPDATE);
             }
-            "ExecuteStmt" => self.prepared(node.str_field("name")),
+            "ExecuteStmt" | "PrepareStmt" => self.prepared(node.str_field("name")),
             "DeallocateStmt" => self.prepared(node.str_field("name")),
             "DropStmt" => {
                 let remove_type = node.int_field("remove_type");

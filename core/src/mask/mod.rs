@@ -184,6 +184,15 @@ impl Masker {
         }
     }
 
+    /// The scope audit records use: never exempt, so clear data a `dba` may see on screen is
+    /// still masked in the audit log.
+    pub fn audit_scope(&self) -> Scope<'_> {
+        Scope {
+            masker: self,
+            clear: false,
+        }
+    }
+
     /// Mask free text with no exemption applied (tools, tests, `custos mask`).
     pub fn mask_text<'t>(&self, text: &'t str, stats: &mut Stats) -> Cow<'t, str> {
         self.inner.mask_text(text, stats)

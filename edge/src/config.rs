@@ -1,0 +1,172 @@
+//! `custos edge --config FILE`: the edge's TOML configuration.
+//!
+//! ```toml
+//! [edge]
+//! id = "edge-eu-1"
+//!
+//! [controlplane]
+//! servers = ["10.0.0.1:7400", "10.0.0.2:7400", "10.0.0.3:7400"]
+//! token_file = "/etc/custos/edge.token"   # a token issued with --role edge
+//!
+//! [bus.nats]
+//! url = "nats://127.0.0.1:4222"
+//!
+//! [postgres]
+//! listen = "0.0.0.0:15432"
+//! tls_cert = "/etc/custos/edge.crt"
+//! tls_key = "/etc/custos/edge.key"
+//!
+//! [oidc]                                   # optional: accept OIDC JWTs as passwords
+//! issuer = "https://idp.example.com"
+//! audience = "custos"
+//! jwks_url = "http://idp.example.com/jwks.json"
+//!
+//! [masking]                                # see docs/masking.md
+//! columns = [ { pattern = "*ssn*", strategy = "null" } ]
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use custos_core::bus::NatsConfig;
+use custos_core::mask::MaskConfig;
+use custos_core::oidc::OidcConfig;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct EdgeFileConfig {
+    pub edge: EdgeSection,
+    pub controlplane: ControlPlaneSection,
+    pub bus: BusSection,
+    pub postgres: PostgresSection,
+    pub oidc: Option<OidcConfig>,
+    pub masking: MaskConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EdgeSection {
+    /// Names this edge in events and in the control plane's logs.
+    pub id: String,
+}
+
+impl Default for EdgeSection {
+    fn default() -> Self {
+        EdgeSection {
+            id: "edge-1".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControlPlaneSection {
+    /// Control-plane nodes; any of them serves the configuration stream.
+    pub servers: Vec<String>,
+    /// A file holding a token issued with `--role edge`.
+    pub token_file: Option<PathBuf>,
+    /// The token itself (prefer `token_file`).
+    pub token: Option<String>,
+    /// Longest wait between reconnection attempts.
+    pub max_backoff_ms: u64,
+}
+
+impl Default for ControlPlaneSection {
+    fn default() -> Self {
+        ControlPlaneSection {
+            servers: vec!["127.0.0.1:7400".into()],
+            token_file: None,
+            token: None,
+            max_backoff_ms: 5000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct BusSection {
+    pub nats: NatsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PostgresSection {
+    pub enabled: bool,
+    pub listen: String,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Accept tokens over connections without TLS. Local development only.
+    pub allow_insecure_password: bool,
+}
+
+impl Default for PostgresSection {
+    fn default() -> Self {
+        PostgresSection {
+            enabled: true,
+            listen: "127.0.0.1:15432".into(),
+            tls_cert: None,
+            tls_key: None,
+            allow_insecure_password: false,
+        }
+    }
+}
+
+/// A configuration problem, naming the file and the fix.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl EdgeFileConfig {
+    pub fn load(path: &Path) -> Result<EdgeFileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+        let cfg: EdgeFileConfig = toml::from_str(&text)
+            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        cfg.validate()
+            .map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.edge.id.trim().is_empty() {
+            return Err(ConfigError("[edge] id must not be empty".into()));
+        }
+        if self.controlplane.servers.is_empty() {
+            return Err(ConfigError(
+                "[controlplane] servers is empty: name at least one control-plane node".into(),
+            ));
+        }
+        if self.controlplane.token.is_none() && self.controlplane.token_file.is_none() {
+            return Err(ConfigError(
+                "[controlplane] needs token_file (a token issued with `custos token issue EDGE --role edge`)".into(),
+            ));
+        }
+        if self.postgres.tls_cert.is_some() != self.postgres.tls_key.is_some() {
+            return Err(ConfigError(
+                "[postgres] tls_cert and tls_key go together".into(),
+            ));
+        }
+        if self.postgres.enabled
+            && self.postgres.tls_cert.is_none()
+            && !self.postgres.allow_insecure_password
+        {
+            return Err(ConfigError(
+                "[postgres] has no tls_cert/tls_key: clients could not send tokens safely (set them, or allow_insecure_password = true for local development)".into(),
+            ));
+        }
+        custos_core::mask::Masker::new(&self.masking)
+            .map_err(|e| ConfigError(format!("[masking] {e}")))?;
+        Ok(())
+    }
+
+    /// The control-plane token (from `token` or `token_file`).
+    pub fn token(&self) -> Result<String, ConfigError> {
+        if let Some(t) = &self.controlplane.token {
+            return Ok(t.trim().to_string());
+        }
+        let path = self.controlplane.token_file.as_ref().expect("validated");
+        std::fs::read_to_string(path)
+            .map(|s| s.trim().to_string())
+            .map_err(|e| ConfigError(format!("cannot read token_file {}: {e}", path.display())))
+    }
+}

@@ -1,0 +1,497 @@
+//! The session pipeline every protocol shares:
+//!
+//! ```text
+//! accept → authenticate → classify → authorize → hold for approval → forward with injected
+//!          (Authenticator)  (protocol)  (Policies)   (ApprovalHook)     credentials (protocol)
+//!                                                                    → mask (core::mask) → record (Recorder)
+//! ```
+//!
+//! A protocol module (today `pg`) owns the wire format and the classification of its commands;
+//! everything that decides or records lives here, so MySQL, SSH, Kubernetes and HTTP plug into
+//! the same steps.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use custos_core::authz::{self, ApprovalRequirement, Decision, Engine, Principal, Target};
+use custos_core::bus::{BusError, EventBus};
+use custos_core::events::Origin;
+use custos_core::oidc::{looks_like_jwt, OidcVerifier};
+use custos_core::proto::v1::{
+    event::Payload, Classification, CommandReceived, Connection, Event, Verdict as PbVerdict,
+};
+use futures::future::BoxFuture;
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, watch};
+
+use crate::watch::EdgeConfig;
+
+// ===== authenticate ============================================================================
+
+/// Who a session belongs to, after authentication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub subject: String,
+    pub groups: Vec<String>,
+    /// `custos-token` or `oidc`.
+    pub method: &'static str,
+}
+
+/// Why a client was not let in. The text is shown to the client: it names the cause and never
+/// echoes the token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("no token given: connect with password=<custos token or OIDC JWT>")]
+    Empty,
+    #[error("token is not a custos token (cst_…) nor a JWT")]
+    Malformed,
+    #[error("unknown token id {0}: it was never issued or this edge has not seen it yet")]
+    Unknown(String),
+    #[error("token {0} is revoked")]
+    Revoked(String),
+    #[error("token {0} expired")]
+    Expired(String),
+    #[error("token {0} does not match its stored hash (tampered or mistyped)")]
+    BadSecret(String),
+    #[error("user {user:?} does not match the token's subject {subject:?}: connect with user={subject}")]
+    SubjectMismatch { user: String, subject: String },
+    #[error("OIDC token rejected: {0}")]
+    Oidc(String),
+    #[error("OIDC tokens are not accepted by this edge (no [oidc] section in its config)")]
+    OidcDisabled,
+}
+
+/// Checks custos-issued tokens against the hashes the control plane streamed, and OIDC JWTs
+/// against the configured issuer's JWKS.
+#[derive(Clone, Default)]
+pub struct Authenticator {
+    pub oidc: Option<Arc<OidcVerifier>>,
+}
+
+impl Authenticator {
+    pub async fn authenticate(
+        &self,
+        cfg: &EdgeConfig,
+        user: &str,
+        token: &str,
+    ) -> Result<Identity, AuthError> {
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(AuthError::Empty);
+        }
+        let id = if looks_like_jwt(token) {
+            let Some(v) = &self.oidc else {
+                return Err(AuthError::OidcDisabled);
+            };
+            let claims = v
+                .verify(token)
+                .await
+                .map_err(|e| AuthError::Oidc(e.to_string()))?;
+            Identity {
+                subject: claims.subject,
+                groups: claims.groups,
+                method: "oidc",
+            }
+        } else {
+            let token_id =
+                custos_core::token::parse(token).map_err(|_| AuthError::Malformed)?;
+            let rec = cfg
+                .tokens
+                .get(token_id)
+                .ok_or_else(|| AuthError::Unknown(token_id.to_string()))?;
+            if !custos_core::token::hashes_equal(&custos_core::token::hash(token), &rec.sha256) {
+                return Err(AuthError::BadSecret(token_id.to_string()));
+            }
+            if rec.revoked {
+                return Err(AuthError::Revoked(token_id.to_string()));
+            }
+            if rec.expires_unix_nano != 0
+                && rec.expires_unix_nano <= custos_core::events::now_unix_nano()
+            {
+                return Err(AuthError::Expired(token_id.to_string()));
+            }
+            Identity {
+                subject: rec.subject.clone(),
+                groups: rec.groups.clone(),
+                method: "custos-token",
+            }
+        };
+        if id.subject != user {
+            return Err(AuthError::SubjectMismatch {
+                user: user.to_string(),
+                subject: id.subject,
+            });
+        }
+        Ok(id)
+    }
+}
+
+// ===== authorize ===============================================================================
+
+/// What a command may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Allow,
+    Deny,
+    Approval(ApprovalRequirement),
+}
+
+/// The decision for a whole command (all its statements/actions).
+#[derive(Debug, Clone)]
+pub struct Verdict {
+    pub outcome: Outcome,
+    /// Policies that determined the outcome.
+    pub policies: Vec<String>,
+    /// Why (for denials: which rule, which statement).
+    pub reason: String,
+    /// The action that decided it (the denied or held one; the first one when allowed).
+    pub action: String,
+}
+
+impl Verdict {
+    pub fn pb(&self) -> PbVerdict {
+        match self.outcome {
+            Outcome::Allow => PbVerdict::Allow,
+            Outcome::Deny => PbVerdict::Deny,
+            Outcome::Approval(_) => PbVerdict::PendingApproval,
+        }
+    }
+}
+
+/// One action to authorize, with its Cedar context.
+pub struct ActionRequest<'a> {
+    pub action: &'a str,
+    pub context: Vec<(&'static str, authz::Value)>,
+    /// Position of the statement in the command (for the message), 0-based.
+    pub index: usize,
+}
+
+/// The compiled policy, recompiled when the control plane sends a new version.
+#[derive(Default)]
+pub struct Policies {
+    cache: Mutex<Option<(u64, String, Arc<Engine>)>>,
+}
+
+impl Policies {
+    fn engine(&self, cfg: &EdgeConfig) -> Result<Arc<Engine>, String> {
+        let Some(p) = &cfg.policy else {
+            return Err("no policy has been applied yet (custos policy apply FILE)".into());
+        };
+        let mut cache = self.cache.lock();
+        if let Some((v, sha, e)) = cache.as_ref() {
+            if *v == p.version && *sha == p.sha256 {
+                return Ok(e.clone());
+            }
+        }
+        let e = Arc::new(Engine::new(&p.text, p.version).map_err(|errs| {
+            format!(
+                "policy version {} does not compile on this edge: {}",
+                p.version,
+                errs.join("; ")
+            )
+        })?);
+        *cache = Some((p.version, p.sha256.clone(), e.clone()));
+        Ok(e)
+    }
+
+    /// Decide a command: every action must be allowed. The first denial wins; otherwise the first
+    /// approval requirement holds the command. Fails closed when there is no usable policy.
+    pub fn decide(
+        &self,
+        cfg: &EdgeConfig,
+        who: &Identity,
+        conn: &Connection,
+        actions: &[ActionRequest<'_>],
+    ) -> Verdict {
+        let engine = match self.engine(cfg) {
+            Ok(e) => e,
+            Err(reason) => {
+                return Verdict {
+                    outcome: Outcome::Deny,
+                    policies: vec![],
+                    reason,
+                    action: actions.first().map(|a| a.action).unwrap_or("").into(),
+                }
+            }
+        };
+        let principal = Principal {
+            identity: &who.subject,
+            groups: &who.groups,
+        };
+        let target = Target {
+            connection: &conn.name,
+            kind: &conn.kind,
+            environment: conn.options.get("environment").map(String::as_str),
+        };
+        let many = actions.iter().map(|a| a.index).max().unwrap_or(0) > 0;
+        let mut approval: Option<Verdict> = None;
+        let mut allowed: Vec<String> = Vec::new();
+        for a in actions {
+            match engine.authorize(&principal, &target, a.action, &a.context) {
+                Decision::Allow { policies } => allowed.extend(policies),
+                Decision::Deny { policies, reason } => {
+                    let reason = if many {
+                        format!("statement {}: {} ({reason})", a.index + 1, a.action)
+                    } else {
+                        format!("{} ({reason})", a.action)
+                    };
+                    return Verdict {
+                        outcome: Outcome::Deny,
+                        policies,
+                        reason,
+                        action: a.action.to_string(),
+                    };
+                }
+                Decision::NeedsApproval {
+                    policies,
+                    requirement,
+                } => {
+                    if approval.is_none() {
+                        approval = Some(Verdict {
+                            reason: format!(
+                                "{} needs approval by {} (policy {})",
+                                a.action,
+                                requirement.group,
+                                policies.join(", ")
+                            ),
+                            outcome: Outcome::Approval(requirement),
+                            policies,
+                            action: a.action.to_string(),
+                        });
+                    }
+                }
+            }
+        }
+        if let Some(v) = approval {
+            return v;
+        }
+        allowed.sort();
+        allowed.dedup();
+        Verdict {
+            outcome: Outcome::Allow,
+            policies: allowed,
+            reason: String::new(),
+            action: actions.first().map(|a| a.action).unwrap_or("").into(),
+        }
+    }
+}
+
+// ===== hold for approval =======================================================================
+
+/// A command held for approval.
+#[derive(Debug, Clone)]
+pub struct ApprovalRequest {
+    pub origin: Origin,
+    pub command_id: String,
+    /// The command text, masked.
+    pub text: String,
+    pub action: String,
+    pub policies: Vec<String>,
+    pub requirement: ApprovalRequirement,
+}
+
+/// How a hold ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApprovalOutcome {
+    Approved {
+        approval_id: String,
+        approver: String,
+    },
+    Refused {
+        approval_id: String,
+        /// Shown to the client: who refused, or that it timed out, and what to do next.
+        reason: String,
+    },
+}
+
+/// The "hold for approval" step. The approvals service implements it; the edge awaits the
+/// outcome before forwarding. It must fail closed: no decision means `Refused`.
+pub trait ApprovalHook: Send + Sync + 'static {
+    fn hold(&self, req: ApprovalRequest) -> BoxFuture<'_, ApprovalOutcome>;
+}
+
+/// The hook used until an approval service is configured: refuses, naming what was needed.
+pub struct NoApprovals;
+
+impl ApprovalHook for NoApprovals {
+    fn hold(&self, req: ApprovalRequest) -> BoxFuture<'_, ApprovalOutcome> {
+        Box::pin(async move {
+            ApprovalOutcome::Refused {
+                approval_id: String::new(),
+                reason: format!(
+                    "{} needs approval by group {} (policy {}), and this edge has no approval service configured",
+                    req.action,
+                    req.requirement.group,
+                    req.policies.join(", ")
+                ),
+            }
+        })
+    }
+}
+
+// ===== record ==================================================================================
+
+/// Per-connection audit mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditMode {
+    /// A command is forwarded only after its command-received event is acknowledged by the bus.
+    Strict,
+    /// Events are queued and published in the background.
+    Async,
+}
+
+impl AuditMode {
+    pub fn of(conn: &Connection) -> Result<AuditMode, String> {
+        match conn.options.get("audit_mode").map(String::as_str) {
+            None | Some("strict") => Ok(AuditMode::Strict),
+            Some("async") => Ok(AuditMode::Async),
+            Some(other) => Err(format!(
+                "connection {} has audit_mode={other:?}; use strict or async",
+                conn.name
+            )),
+        }
+    }
+}
+
+/// Publishes events. Strict publishes await the bus; the others go through an ordered
+/// background queue that retries until the bus takes them (or the edge shuts down).
+#[derive(Clone)]
+pub struct Recorder {
+    bus: Arc<dyn EventBus>,
+    tx: mpsc::Sender<Event>,
+    strict_timeout: Duration,
+}
+
+impl Recorder {
+    pub fn new(bus: Arc<dyn EventBus>, shutdown: watch::Receiver<bool>) -> Recorder {
+        let (tx, mut rx) = mpsc::channel::<Event>(65_536);
+        let b = bus.clone();
+        tokio::spawn(async move {
+            // Publish what is queued in batches of concurrent publishes: one at a time would cap
+            // an edge at one bus round trip per event.
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < 512 {
+                    match rx.try_recv() {
+                        Ok(ev) => batch.push(ev),
+                        Err(_) => break,
+                    }
+                }
+                let sent = futures::future::join_all(
+                    batch.iter().map(|ev| publish_until_taken(&*b, ev, shutdown.clone())),
+                )
+                .await;
+                if sent.iter().any(|ok| !ok) {
+                    tracing::error!(
+                        unpublished = sent.iter().filter(|ok| !**ok).count(),
+                        "edge shutting down with unpublished audit events"
+                    );
+                    return;
+                }
+            }
+        });
+        Recorder {
+            bus,
+            tx,
+            strict_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Publish and wait for the bus's acknowledgement.
+    pub async fn strict(&self, ev: &Event) -> Result<(), BusError> {
+        match tokio::time::timeout(self.strict_timeout, self.bus.publish(ev)).await {
+            Ok(r) => r.map(|_| ()),
+            Err(_) => Err(BusError::Timeout {
+                what: "acknowledgement of the audit event".into(),
+                after: self.strict_timeout,
+            }),
+        }
+    }
+
+    /// Queue for background publishing (ordered with other queued events).
+    pub async fn later(&self, ev: Event) {
+        if self.tx.send(ev).await.is_err() {
+            tracing::error!("audit queue closed; event dropped");
+        }
+    }
+
+    /// Strict or queued, by mode.
+    pub async fn record(&self, mode: AuditMode, ev: Event) -> Result<(), BusError> {
+        match mode {
+            AuditMode::Strict => self.strict(&ev).await,
+            AuditMode::Async => {
+                self.later(ev).await;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Publish with back-off until the bus takes the event; false if shutdown came first.
+async fn publish_until_taken(
+    bus: &dyn EventBus,
+    ev: &Event,
+    mut shutdown: watch::Receiver<bool>,
+) -> bool {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match bus.publish(ev).await {
+            Ok(_) => return true,
+            Err(e) => {
+                tracing::warn!(error = %e, event = %ev.id, "audit event not yet published; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => return false,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Build a command-received event.
+pub fn command_received(
+    origin: &Origin,
+    command_id: &str,
+    text: String,
+    classifications: Vec<Classification>,
+    verdict: &Verdict,
+    parameters: Vec<String>,
+) -> Event {
+    origin.event(Payload::CommandReceived(CommandReceived {
+        command_id: command_id.to_string(),
+        text,
+        classifications,
+        verdict: verdict.pb() as i32,
+        policies: verdict.policies.clone(),
+        reason: verdict.reason.clone(),
+        parameters,
+        approval_id: String::new(),
+    }))
+}
+
+/// Numeric connection options with defaults (`audit_rows`, `audit_bytes` …).
+pub fn option_usize(conn: &Connection, key: &str, default: usize) -> usize {
+    conn.options
+        .get(key)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// What the runtime hands each session: the latest config and the shared services.
+#[derive(Clone)]
+pub struct Services {
+    pub edge_id: String,
+    pub config: watch::Receiver<Arc<EdgeConfig>>,
+    pub policies: Arc<Policies>,
+    pub auth: Authenticator,
+    pub approvals: Arc<dyn ApprovalHook>,
+    pub recorder: Recorder,
+    pub masker: Arc<custos_core::mask::Masker>,
+}
+
+impl Services {
+    pub fn config(&self) -> Arc<EdgeConfig> {
+        self.config.borrow().clone()
+    }
+}

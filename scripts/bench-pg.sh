@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The Postgres benchmark in its production shape, in one run:
+#   direct PostgreSQL, pgbouncer (session pool), haproxy (TCP), and the custos edge with strict and
+#   with async audit (a control-plane node ingesting from NATS JetStream, `custos edge` publishing
+#   to it), all measured by `custos-loadtest pgbench` in interleaved rounds.
+#   ./scripts/bench-pg.sh [extra custos-loadtest pgbench flags, e.g. --seconds 20 --rounds 3 --out FILE]
+# Needs: PostgreSQL on 127.0.0.1:5432 (trust for user postgres), nats-server, pgbouncer, haproxy
+# (./scripts/bench-deps.sh installs the last two).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/custos/target}"
+cargo build --release --bin custos -p custos-loadtest -p custos >/dev/null
+BIN="$CARGO_TARGET_DIR/release"
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; echo "nothing on port $1" >&2; exit 1; }
+
+NATS_PORT=$(port); CP_PORT=$(port); EDGE_PORT=$(port)
+nats-server -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$work/nats" >/dev/null 2>&1 & pids+=($!)
+wait_port "$NATS_PORT"
+mkdir -p "$work/cp"
+echo -n bench-admin-token > "$work/admin.token"
+cat > "$work/cp.toml" <<TOML
+[node]
+id = 1
+listen = "127.0.0.1:$CP_PORT"
+data_dir = "$work/cp"
+admin_token_file = "$work/admin.token"
+[cluster.initial_members]
+1 = "127.0.0.1:$CP_PORT"
+[bus]
+kind = "nats"
+[bus.nats]
+url = "nats://127.0.0.1:$NATS_PORT"
+TOML
+CUSTOS_LOG=warn "$BIN/custos" controlplane --config "$work/cp.toml" 2>"$work/cp.log" & pids+=($!)
+wait_port "$CP_PORT"
+export CUSTOS_SERVER="http://127.0.0.1:$CP_PORT" CUSTOS_TOKEN=bench-admin-token
+for _ in $(seq 100); do "$BIN/custos" cluster status 2>/dev/null | grep -q "leader 1" && break; sleep 0.1; done
+cat > "$work/bench.cedar" <<'CEDAR'
+@id("bench-read")
+permit (principal in Custos::Group::"bench", action in Custos::Action::"sql:read", resource);
+@id("no-drop")
+forbid (principal, action == Custos::Action::"sql:drop", resource);
+CEDAR
+"$BIN/custos" policy apply "$work/bench.cedar" >/dev/null
+for mode in strict async; do
+  "$BIN/custos" connection put "bench-$mode" --kind postgres --address 127.0.0.1:5432 \
+    -o database=custos_bench -o audit_mode=$mode -s username=postgres >/dev/null
+done
+TOKEN=$("$BIN/custos" token issue bench --group bench --ttl 2h)
+EDGE_TOKEN=$("$BIN/custos" token issue bench-edge --role edge --ttl 2h)
+cat > "$work/edge.toml" <<TOML
+[edge]
+id = "bench-edge"
+[controlplane]
+servers = ["127.0.0.1:$CP_PORT"]
+token = "$EDGE_TOKEN"
+[bus.nats]
+url = "nats://127.0.0.1:$NATS_PORT"
+[postgres]
+listen = "127.0.0.1:$EDGE_PORT"
+allow_insecure_password = true
+TOML
+CUSTOS_LOG=warn "$BIN/custos" edge --config "$work/edge.toml" 2>"$work/edge.log" & pids+=($!)
+wait_port "$EDGE_PORT"
+sleep 1
+"$BIN/custos-loadtest" pgbench \
+  --target "custos-strict=postgresql://bench:$TOKEN@127.0.0.1:$EDGE_PORT/bench-strict?sslmode=disable" \
+  --target "custos-async=postgresql://bench:$TOKEN@127.0.0.1:$EDGE_PORT/bench-async?sslmode=disable" \
+  "$@"
+echo "audit records committed: $("$BIN/custos" audit verify | head -1)" >&2
