@@ -63,14 +63,26 @@ pub async fn run(args: DevArgs) -> Result<()> {
     let node = ControlPlane::start(cfg.clone(), EventInput::InProc(source)).await?;
     let token_file = cfg.node.data_dir.join("admin.token");
     let edge = if args.postgres_listen != "off" {
-        Some(start_edge(&args, &cfg, node.addr().to_string(), &token_file, bus.clone()).await?)
+        Some(
+            start_edge(
+                &args,
+                &cfg,
+                node.addr().to_string(),
+                &token_file,
+                bus.clone(),
+            )
+            .await?,
+        )
     } else {
         None
     };
     println!("custos dev is running (one node, in-process event bus)");
     println!("  control plane  http://{}", node.addr());
     if let Some(a) = edge.as_ref().and_then(|e| e.postgres_addr) {
-        println!("  postgres edge  {a} (TLS with {}/edge.crt)", cfg.node.data_dir.display());
+        println!(
+            "  postgres edge  {a} (TLS with {}/edge.crt)",
+            cfg.node.data_dir.display()
+        );
     }
     println!("  data           {}", cfg.node.data_dir.display());
     println!("  admin token    {}", token_file.display());

@@ -120,13 +120,21 @@ pub fn text(entries: &[Value]) -> String {
                 s(e, "protocol"),
                 s(e, "client_addr"),
                 s(e, "auth_method"),
-                if e["tls"].as_bool() == Some(true) { ", tls" } else { "" },
+                if e["tls"].as_bool() == Some(true) {
+                    ", tls"
+                } else {
+                    ""
+                },
                 s(e, "time"),
             )),
             "command" => {
                 n += 1;
                 let verdict = s(e, "verdict").to_uppercase();
-                out.push_str(&format!("[{}] #{n} {verdict:<8} {}\n", s(e, "time"), s(e, "text")));
+                out.push_str(&format!(
+                    "[{}] #{n} {verdict:<8} {}\n",
+                    s(e, "time"),
+                    s(e, "text")
+                ));
                 let actions: Vec<&str> = e["actions"]
                     .as_array()
                     .map(|a| a.iter().filter_map(Value::as_str).collect())
@@ -146,7 +154,9 @@ pub fn text(entries: &[Value]) -> String {
                 if e["completed"].as_bool() == Some(true) {
                     out.push_str(&format!(
                         "      → {} rows in {} µs, {} values masked{}\n",
-                        e["rows"], e["duration_us"], e["masked_values"],
+                        e["rows"],
+                        e["duration_us"],
+                        e["masked_values"],
                         match e["error"].as_str() {
                             Some(err) => format!(", error: {err}"),
                             None => String::new(),
@@ -165,11 +175,18 @@ pub fn text(entries: &[Value]) -> String {
             }
             "approval_requested" => out.push_str(&format!(
                 "[{}] approval {} requested from {} (quorum {})\n",
-                s(e, "time"), s(e, "approval_id"), s(e, "approver_group"), e["quorum"]
+                s(e, "time"),
+                s(e, "approval_id"),
+                s(e, "approver_group"),
+                e["quorum"]
             )),
             "approval_decided" => out.push_str(&format!(
                 "[{}] approval {} {} by {} {}\n",
-                s(e, "time"), s(e, "approval_id"), s(e, "state"), s(e, "approver"), s(e, "comment")
+                s(e, "time"),
+                s(e, "approval_id"),
+                s(e, "state"),
+                s(e, "approver"),
+                s(e, "comment")
             )),
             "session_ended" => out.push_str(&format!(
                 "\nsession ended {}: {} ({} commands, {} denied, {} ms){}\n",
@@ -178,7 +195,11 @@ pub fn text(entries: &[Value]) -> String {
                 e["commands"],
                 e["denied"],
                 e["duration_ms"],
-                if s(e, "error").is_empty() { String::new() } else { format!(", error: {}", s(e, "error")) }
+                if s(e, "error").is_empty() {
+                    String::new()
+                } else {
+                    format!(", error: {}", s(e, "error"))
+                }
             )),
             _ => {}
         }

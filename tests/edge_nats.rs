@@ -22,7 +22,9 @@ impl Drop for Proc {
 fn psql(port: u16, token: &str, sql: &str) -> (i32, String, String) {
     let out = Command::new("psql")
         .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
-        .arg(format!("host=127.0.0.1 port={port} dbname=app user=agent:reporter sslmode=disable"))
+        .arg(format!(
+            "host=127.0.0.1 port={port} dbname=app user=agent:reporter sslmode=disable"
+        ))
         .env("PGPASSWORD", token)
         .env("PGCONNECT_TIMEOUT", "10")
         .output()
@@ -35,7 +37,8 @@ fn psql(port: u16, token: &str, sql: &str) -> (i32, String, String) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_edges_over_nats_keep_serving_without_the_control_plane_and_refuse_without_the_bus() -> Result<()> {
+async fn two_edges_over_nats_keep_serving_without_the_control_plane_and_refuse_without_the_bus(
+) -> Result<()> {
     let nats = Nats::start()?;
     let root = tempfile::tempdir()?;
     let mut nodes = cluster(
@@ -62,15 +65,44 @@ async fn two_edges_over_nats_keep_serving_without_the_control_plane_and_refuse_w
     let app_pw = app_database(&pg)?;
     let policy = root.path().join("p.cedar");
     std::fs::write(&policy, POLICY)?;
-    assert_eq!(cli(&server, &["policy", "apply", policy.to_str().unwrap()]).0, 0);
+    assert_eq!(
+        cli(&server, &["policy", "apply", policy.to_str().unwrap()]).0,
+        0
+    );
     let secret = format!("password={app_pw}");
     let (code, _, err) = cli(
         &server,
-        &["connection", "put", "app", "--kind", "postgres", "--address", &pg.addr(), "-o", "database=app", "-s", "username=app", "-s", &secret],
+        &[
+            "connection",
+            "put",
+            "app",
+            "--kind",
+            "postgres",
+            "--address",
+            &pg.addr(),
+            "-o",
+            "database=app",
+            "-s",
+            "username=app",
+            "-s",
+            &secret,
+        ],
     );
     assert_eq!(code, 0, "{err}");
-    let agent = cli(&server, &["token", "issue", "agent:reporter", "--group", "agents"]).1.trim().to_string();
-    let edge_token = cli(&server, &["token", "issue", "edge", "--role", "edge", "--ttl", "24h"]).1.trim().to_string();
+    let agent = cli(
+        &server,
+        &["token", "issue", "agent:reporter", "--group", "agents"],
+    )
+    .1
+    .trim()
+    .to_string();
+    let edge_token = cli(
+        &server,
+        &["token", "issue", "edge", "--role", "edge", "--ttl", "24h"],
+    )
+    .1
+    .trim()
+    .to_string();
     let _ = ADMIN_TOKEN;
     // Two edges.
     let mut edges = Vec::new();
@@ -113,7 +145,18 @@ async fn two_edges_over_nats_keep_serving_without_the_control_plane_and_refuse_w
     // Both edges' commands reach the canonical log through NATS.
     let mut seen = false;
     for _ in 0..100 {
-        let (_, out, _) = cli(&server, &["audit", "search", "--kind", "command_received", "--json", "--limit", "1000"]);
+        let (_, out, _) = cli(
+            &server,
+            &[
+                "audit",
+                "search",
+                "--kind",
+                "command_received",
+                "--json",
+                "--limit",
+                "1000",
+            ],
+        );
         if out.contains("\"edge-0\"") && out.contains("\"edge-1\"") {
             seen = true;
             break;
@@ -127,7 +170,10 @@ async fn two_edges_over_nats_keep_serving_without_the_control_plane_and_refuse_w
     assert_eq!((code, out.trim()), (0, "3"), "{err}");
     // The bus goes away: strict audit refuses new sessions and new statements, saying why.
     let (client, conn) = tokio_postgres::connect(
-        &format!("host=127.0.0.1 port={} dbname=app user=agent:reporter password={agent}", ports[1]),
+        &format!(
+            "host=127.0.0.1 port={} dbname=app user=agent:reporter password={agent}",
+            ports[1]
+        ),
         tokio_postgres::NoTls,
     )
     .await?;
@@ -136,7 +182,10 @@ async fn two_edges_over_nats_keep_serving_without_the_control_plane_and_refuse_w
     drop(nats);
     let e = client.batch_execute("SELECT 2").await.unwrap_err();
     assert_eq!(e.code().map(|c| c.code()), Some("57P03"), "{e:?}");
-    assert!(format!("{e:?}").contains("audit bus is unavailable"), "{e:?}");
+    assert!(
+        format!("{e:?}").contains("audit bus is unavailable"),
+        "{e:?}"
+    );
     let (code, _, err) = psql(ports[0], &agent, "SELECT 1");
     assert_ne!(code, 0);
     assert!(err.contains("audit bus is unavailable"), "{err}");

@@ -37,7 +37,11 @@ fn every_example_edge_config_loads() {
     for p in tomls {
         let cfg = custos_edge::config::EdgeFileConfig::load(&p)
             .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-        assert!(cfg.oidc.is_some() && cfg.postgres.tls_cert.is_some(), "{}", p.display());
+        assert!(
+            cfg.oidc.is_some() && cfg.postgres.tls_cert.is_some(),
+            "{}",
+            p.display()
+        );
     }
 }
 

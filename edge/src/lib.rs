@@ -87,12 +87,13 @@ impl Edge {
         };
         let mut postgres_addr = None;
         if let Some((addr, opts)) = setup.postgres {
-            let listener = tokio::net::TcpListener::bind(&addr)
-                .await
-                .map_err(|e| EdgeError::Listen {
-                    addr: addr.clone(),
-                    reason: e.to_string(),
-                })?;
+            let listener =
+                tokio::net::TcpListener::bind(&addr)
+                    .await
+                    .map_err(|e| EdgeError::Listen {
+                        addr: addr.clone(),
+                        reason: e.to_string(),
+                    })?;
             postgres_addr = listener.local_addr().ok();
             let edge = pg::PgEdge::new(services.clone(), opts);
             tokio::spawn(edge.serve(listener, shutdown_rx.clone()));

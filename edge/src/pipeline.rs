@@ -53,7 +53,9 @@ pub enum AuthError {
     Expired(String),
     #[error("token {0} does not match its stored hash (tampered or mistyped)")]
     BadSecret(String),
-    #[error("user {user:?} does not match the token's subject {subject:?}: connect with user={subject}")]
+    #[error(
+        "user {user:?} does not match the token's subject {subject:?}: connect with user={subject}"
+    )]
     SubjectMismatch { user: String, subject: String },
     #[error("OIDC token rejected: {0}")]
     Oidc(String),
@@ -93,8 +95,7 @@ impl Authenticator {
                 method: "oidc",
             }
         } else {
-            let token_id =
-                custos_core::token::parse(token).map_err(|_| AuthError::Malformed)?;
+            let token_id = custos_core::token::parse(token).map_err(|_| AuthError::Malformed)?;
             let rec = cfg
                 .tokens
                 .get(token_id)
@@ -378,7 +379,9 @@ impl Recorder {
                     }
                 }
                 let sent = futures::future::join_all(
-                    batch.iter().map(|ev| publish_until_taken(&*b, ev, shutdown.clone())),
+                    batch
+                        .iter()
+                        .map(|ev| publish_until_taken(&*b, ev, shutdown.clone())),
                 )
                 .await;
                 if sent.iter().any(|ok| !ok) {

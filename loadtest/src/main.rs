@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod mask_bench;
+mod pg_bench;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -63,6 +64,14 @@ enum Cmd {
         /// Append the table to this file.
         #[arg(long)]
         markdown: Option<PathBuf>,
+    },
+    /// Postgres TPS and added latency through pgbouncer, haproxy and extra targets (pgbench -S).
+    Pgbench {
+        #[command(flatten)]
+        opts: pg_bench::Opts,
+        /// Append the Markdown section to this file.
+        #[arg(long, alias = "markdown")]
+        out: Option<PathBuf>,
     },
 }
 
@@ -314,6 +323,19 @@ async fn main() -> Result<()> {
                     .append(true)
                     .open(md)?;
                 writeln!(f, "{table}")?;
+            }
+            Ok(())
+        }
+        Cmd::Pgbench { opts, out } => {
+            let section = pg_bench::run(&opts)?;
+            println!("{section}");
+            if let Some(out) = out {
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&out)
+                    .with_context(|| format!("open {}", out.display()))?;
+                writeln!(f, "{section}")?;
             }
             Ok(())
         }

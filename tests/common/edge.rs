@@ -91,22 +91,31 @@ CREATE TABLE notes (id serial PRIMARY KEY, body text);
 /// Create role `app` (SCRAM password, returned) and database `app` with the seed tables.
 pub fn app_database(pg: &PgServer) -> Result<String> {
     let app_password = format!("app-pw-{}", uuid::Uuid::now_v7().simple());
-        pg.psql_super(
-            "postgres",
-            &format!("CREATE ROLE app LOGIN PASSWORD '{app_password}'"),
-        )?;
-        pg.psql_super("postgres", "CREATE DATABASE app OWNER app")?;
-        // Seed as app, so app owns the tables.
-        let out = Command::new("psql")
-            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
-            .args(["-p", &pg.port.to_string(), "-U", "app", "-d", "app", "-c", SEED])
-            .env("PGPASSWORD", &app_password)
-            .env("PGSSLMODE", "disable")
-            .output()?;
-        if !out.status.success() {
-            bail!("seed failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(app_password)
+    pg.psql_super(
+        "postgres",
+        &format!("CREATE ROLE app LOGIN PASSWORD '{app_password}'"),
+    )?;
+    pg.psql_super("postgres", "CREATE DATABASE app OWNER app")?;
+    // Seed as app, so app owns the tables.
+    let out = Command::new("psql")
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
+        .args([
+            "-p",
+            &pg.port.to_string(),
+            "-U",
+            "app",
+            "-d",
+            "app",
+            "-c",
+            SEED,
+        ])
+        .env("PGPASSWORD", &app_password)
+        .env("PGSSLMODE", "disable")
+        .output()?;
+    if !out.status.success() {
+        bail!("seed failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(app_password)
 }
 
 impl EdgeEnv {
@@ -157,12 +166,34 @@ impl EdgeEnv {
         let addr = env.pg.addr();
         let mode = format!("audit_mode={}", opts.audit_mode);
         env.ok(&[
-            "connection", "put", "app", "--kind", "postgres", "--address", &addr, "-o",
-            "database=app", "-o", &mode, "-o", "audit_rows=20", "-s", "username=app", "-s",
+            "connection",
+            "put",
+            "app",
+            "--kind",
+            "postgres",
+            "--address",
+            &addr,
+            "-o",
+            "database=app",
+            "-o",
+            &mode,
+            "-o",
+            "audit_rows=20",
+            "-s",
+            "username=app",
+            "-s",
             "password=env:APP_PW",
         ])?;
         env.agent_token = env
-            .ok(&["token", "issue", "agent:reporter", "--group", "agents", "--ttl", "1h"])?
+            .ok(&[
+                "token",
+                "issue",
+                "agent:reporter",
+                "--group",
+                "agents",
+                "--ttl",
+                "1h",
+            ])?
             .trim()
             .to_string();
         env.dba_token = env
@@ -221,7 +252,13 @@ impl EdgeEnv {
         self.psql_with(token, user, "require", &["-c", sql])
     }
 
-    pub fn psql_with(&self, token: &str, user: &str, sslmode: &str, args: &[&str]) -> (i32, String, String) {
+    pub fn psql_with(
+        &self,
+        token: &str,
+        user: &str,
+        sslmode: &str,
+        args: &[&str],
+    ) -> (i32, String, String) {
         let out = Command::new("psql")
             .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
             .arg(self.conninfo(user, sslmode))

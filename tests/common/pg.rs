@@ -2,7 +2,6 @@
 //! passwords, killed on drop. Runs the server as the `postgres` user when the tests run as root
 //! (PostgreSQL refuses to run as root).
 
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,7 +25,9 @@ fn bin_dir() -> Result<PathBuf> {
             return Ok(p);
         }
     }
-    bail!("PostgreSQL server binaries not found under /usr/lib/postgresql/*/bin (install postgresql)")
+    bail!(
+        "PostgreSQL server binaries not found under /usr/lib/postgresql/*/bin (install postgresql)"
+    )
 }
 
 fn as_root() -> bool {
@@ -71,7 +72,16 @@ impl PgServer {
         let out = pg_cmd(&bin.join("initdb"))
             .arg("-D")
             .arg(&data)
-            .args(["-U", "postgres", "-A", "scram-sha-256", "--no-sync", "-E", "UTF8", "--locale=C"])
+            .args([
+                "-U",
+                "postgres",
+                "-A",
+                "scram-sha-256",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ])
             .arg(format!("--pwfile={}", pwfile.display()))
             .output()
             .context("initdb")?;
@@ -99,7 +109,9 @@ impl PgServer {
         }
         let child = cmd
             .stdout(Stdio::null())
-            .stderr(Stdio::from(std::fs::File::create(dir.path().join("server.log"))?))
+            .stderr(Stdio::from(std::fs::File::create(
+                dir.path().join("server.log"),
+            )?))
             .spawn()
             .context("start postgres")?;
         let s = PgServer {
@@ -132,8 +144,26 @@ impl PgServer {
     /// Run SQL as the superuser over TCP (SCRAM); returns stdout.
     pub fn psql_super(&self, db: &str, sql: &str) -> Result<String> {
         let out = Command::new("psql")
-            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
-            .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", db, "-c", sql])
+            .args([
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+            ])
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                db,
+                "-c",
+                sql,
+            ])
             .env("PGPASSWORD", &self.superuser_password)
             .env("PGSSLMODE", "disable")
             .output()?;
@@ -148,7 +178,9 @@ impl Drop for PgServer {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             // SIGINT: fast shutdown (the child may run as another user, so use kill(1)).
-            let _ = Command::new("kill").args(["-INT", &c.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-INT", &c.id().to_string()])
+                .status();
             let start = Instant::now();
             while start.elapsed() < Duration::from_secs(10) {
                 if let Ok(Some(_)) = c.try_wait() {

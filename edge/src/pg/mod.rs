@@ -73,7 +73,11 @@ impl PgEdge {
     }
 
     /// Accept clients until `shutdown` turns true.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         loop {
             let (tcp, peer) = tokio::select! {
                 r = listener.accept() => match r {
@@ -143,7 +147,11 @@ impl PgEdge {
                     fatal(
                         &mut writer,
                         "08P01",
-                        &format!("unsupported frontend protocol {}.{}: custos speaks 3.0", v >> 16, v & 0xffff),
+                        &format!(
+                            "unsupported frontend protocol {}.{}: custos speaks 3.0",
+                            v >> 16,
+                            v & 0xffff
+                        ),
                         None,
                     )
                     .await;
@@ -213,15 +221,34 @@ impl Login {
             .map(|(_, v)| v.as_str())
     }
 
-    async fn run(self, mut reader: ClientReader, mut writer: ClientWriter) -> Result<(), WireError> {
+    async fn run(
+        self,
+        mut reader: ClientReader,
+        mut writer: ClientWriter,
+    ) -> Result<(), WireError> {
         let svc = &self.edge.services;
         let Some(user) = self.param("user").map(str::to_string) else {
-            fatal(&mut writer, "28000", "no user given: connect with user=<identity>", None).await;
+            fatal(
+                &mut writer,
+                "28000",
+                "no user given: connect with user=<identity>",
+                None,
+            )
+            .await;
             return Ok(());
         };
         let database = self.param("database").unwrap_or(&user).to_string();
-        if self.param("replication").is_some_and(|v| v != "false" && v != "0") {
-            fatal(&mut writer, "0A000", "replication connections are not supported through custos", None).await;
+        if self
+            .param("replication")
+            .is_some_and(|v| v != "false" && v != "0")
+        {
+            fatal(
+                &mut writer,
+                "0A000",
+                "replication connections are not supported through custos",
+                None,
+            )
+            .await;
             return Ok(());
         }
         if !self.tls && !self.edge.opts.allow_insecure_password {
@@ -415,7 +442,10 @@ fn parse_param(body: &[u8]) -> Result<(String, String), WireError> {
 }
 
 /// Load a TLS server config from PEM files.
-pub fn server_tls(cert: &std::path::Path, key: &std::path::Path) -> Result<Arc<rustls::ServerConfig>, String> {
+pub fn server_tls(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<Arc<rustls::ServerConfig>, String> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let certs = CertificateDer::pem_file_iter(cert)

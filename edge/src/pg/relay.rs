@@ -91,6 +91,8 @@ struct Stmt {
     text: String,
     stmts: Vec<Statement>,
     cols: Mutex<Option<Cols>>,
+    /// Parameter type OIDs (from Parse, completed by the server's ParameterDescription).
+    param_types: Mutex<Vec<u32>>,
 }
 
 /// A bound portal.
@@ -123,9 +125,16 @@ struct Cmd {
 enum Kind {
     Parse,
     Bind,
-    DescribeStmt { stmt: Option<Arc<Stmt>>, injected: bool },
-    DescribePortal { portal: Option<Arc<Portal>> },
-    Execute { portal: Option<Arc<Portal>> },
+    DescribeStmt {
+        stmt: Option<Arc<Stmt>>,
+        injected: bool,
+    },
+    DescribePortal {
+        portal: Option<Arc<Portal>>,
+    },
+    Execute {
+        portal: Option<Arc<Portal>>,
+    },
     Close,
     Sync,
     Query,
@@ -171,7 +180,11 @@ impl Relay<'_> {
             commands: 0,
             denied: 0,
         });
-        let Upstream { reader: ureader, writer: uwriter, .. } = up;
+        let Upstream {
+            reader: ureader,
+            writer: uwriter,
+            ..
+        } = up;
         let masker = self.services.masker.clone();
         let scope = masker.scope(&self.conn.name, &self.who.groups);
         let audit = masker.audit_scope();
@@ -216,9 +229,15 @@ impl Relay<'_> {
         c2u.up.msg(b'X', &[]);
         c2u.up.shutdown().await;
         // Commands still in flight never completed.
-        let pending: Vec<Step> = u2c.cur.take().into_iter().chain(shared.lock().steps.drain(..)).collect();
+        let pending: Vec<Step> = u2c
+            .cur
+            .take()
+            .into_iter()
+            .chain(shared.lock().steps.drain(..))
+            .collect();
         for s in pending {
-            u2c.finish(s, Some("session ended before the command completed".into())).await;
+            u2c.finish(s, Some("session ended before the command completed".into()))
+                .await;
         }
         let s = shared.lock();
         Outcome {
@@ -243,7 +262,9 @@ impl Relay<'_> {
         let cfg = self.services.config();
         // The connection may have been deleted or changed since login: judge with the latest.
         let conn = cfg.connections.get(&self.conn.name).unwrap_or(&self.conn);
-        self.services.policies.decide(&cfg, &self.who, conn, &actions)
+        self.services
+            .policies
+            .decide(&cfg, &self.who, conn, &actions)
     }
 }
 
@@ -384,7 +405,11 @@ impl ClientHalf<'_, '_> {
             if s.statement_kind == "prepare" || s.statement_kind == "deallocate" {
                 continue;
             }
-            let Some(p) = s.prepared_name.as_ref().and_then(|n| self.sql_prepared.get(n)) else {
+            let Some(p) = s
+                .prepared_name
+                .as_ref()
+                .and_then(|n| self.sql_prepared.get(n))
+            else {
                 continue;
             };
             for a in &p.actions {
@@ -444,7 +469,10 @@ impl ClientHalf<'_, '_> {
                     approval_id = a;
                     verdict.outcome = Decided::Allow;
                 }
-                ApprovalOutcome::Refused { approval_id: a, reason } => {
+                ApprovalOutcome::Refused {
+                    approval_id: a,
+                    reason,
+                } => {
                     approval_id = a;
                     verdict.outcome = Decided::Deny;
                     verdict.reason = reason;
@@ -473,7 +501,8 @@ impl ClientHalf<'_, '_> {
                 format!("command {id}; policy {}", verdict.policies.join(", "))
             };
             let hint = if approval_id.is_empty() {
-                "ask a custos administrator to change the policy if this should be allowed".to_string()
+                "ask a custos administrator to change the policy if this should be allowed"
+                    .to_string()
             } else {
                 format!("approval {approval_id}: see `custos approvals get {approval_id}`")
             };
@@ -553,10 +582,17 @@ impl ClientHalf<'_, '_> {
                 return Ok(());
             }
         }
+        let declared: Vec<u32> = match b.i16() {
+            Ok(n) => (0..n.max(0))
+                .map_while(|_| b.i32().ok().map(|o| o as u32))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
         let stmt = Arc::new(Stmt {
             text,
             stmts,
             cols: Mutex::new(None),
+            param_types: Mutex::new(declared),
         });
         self.statements.insert(name.clone(), stmt.clone());
         self.push(Kind::Parse, None, None);
@@ -586,6 +622,11 @@ impl ClientHalf<'_, '_> {
         let pfmts: Vec<i16> = (0..nfmt).map(|_| b.i16()).collect::<Result<_, _>>()?;
         let nparams = b.i16()?.max(0) as usize;
         let mut params = Vec::with_capacity(nparams);
+        let types = self
+            .statements
+            .get(&stmt_name)
+            .map(|s| s.param_types.lock().clone())
+            .unwrap_or_default();
         let mut scratch = Stats::default();
         for i in 0..nparams {
             let fmt = match pfmts.len() {
@@ -595,12 +636,20 @@ impl ClientHalf<'_, '_> {
             };
             params.push(match b.value()? {
                 None => "NULL".to_string(),
-                Some(v) if fmt != 0 => format!("<binary {} bytes>", v.len()),
+                Some(v) if fmt != 0 && !text_like(types.get(i).copied().unwrap_or(0)) => {
+                    binary_param(types.get(i).copied().unwrap_or(0), v)
+                }
                 Some(v) => {
+                    // Text, or the binary form of a text-like type (jsonb: a version byte first).
+                    let v = if fmt != 0 && types.get(i) == Some(&3802) && !v.is_empty() {
+                        &v[1..]
+                    } else {
+                        v
+                    };
                     let s = String::from_utf8_lossy(&v[..v.len().min(PARAM_CAP)]);
                     let mut m = self.audit.mask_text(&s, &mut scratch).into_owned();
                     if v.len() > PARAM_CAP {
-                        m.push_str("…");
+                        m.push('…');
                     }
                     m
                 }
@@ -655,7 +704,10 @@ impl ClientHalf<'_, '_> {
         };
         // Enforced at Execute, with the policy in force now.
         let verdict = self.r.decide(&stmt.stmts);
-        let params = portal.as_ref().map(|p| p.params.clone()).unwrap_or_default();
+        let params = portal
+            .as_ref()
+            .map(|p| p.params.clone())
+            .unwrap_or_default();
         let (cmd, deny) = self.gate(&stmt.text, &stmt.stmts, verdict, params).await;
         if deny.is_some() {
             self.push(Kind::Execute { portal }, Some(cmd), deny);
@@ -727,7 +779,9 @@ impl ServerHalf<'_, '_> {
     }
 
     fn desync(what: &str) -> End {
-        End::Fatal(format!("protocol out of step with the server ({what}); session closed to stay safe"))
+        End::Fatal(format!(
+            "protocol out of step with the server ({what}); session closed to stay safe"
+        ))
     }
 
     fn step(&mut self) -> Option<&mut Step> {
@@ -745,16 +799,19 @@ impl ServerHalf<'_, '_> {
         if cmd.rows == 0 {
             cmd.rows = cmd.data_rows;
         }
-        let ev = self.r.origin.event(Payload::CommandCompleted(CommandCompleted {
-            command_id: cmd.id,
-            duration_us: cmd.started.elapsed().as_micros() as u64,
-            rows: cmd.rows,
-            bytes: cmd.bytes,
-            masked_values: cmd.stats.total(),
-            error: cmd.error.unwrap_or_default(),
-            result_excerpt: cmd.excerpt,
-            result_truncated: cmd.truncated,
-        }));
+        let ev = self
+            .r
+            .origin
+            .event(Payload::CommandCompleted(CommandCompleted {
+                command_id: cmd.id,
+                duration_us: cmd.started.elapsed().as_micros() as u64,
+                rows: cmd.rows,
+                bytes: cmd.bytes,
+                masked_values: cmd.stats.total(),
+                error: cmd.error.unwrap_or_default(),
+                result_excerpt: cmd.excerpt,
+                result_truncated: cmd.truncated,
+            }));
         self.r.services.recorder.later(ev).await;
     }
 
@@ -833,8 +890,7 @@ impl ServerHalf<'_, '_> {
             b'Z' => {
                 // Everything up to the Sync (or the simple Query) this answers is over; steps
                 // the server skipped after an error never ran.
-                loop {
-                    let Some(s) = self.step() else { break };
+                while let Some(s) = self.step() {
                     let end = matches!(s.kind, Kind::Sync | Kind::Query | Kind::FunctionCall);
                     let skipped = !end;
                     self.finish_cur(skipped.then(|| {
@@ -873,7 +929,9 @@ impl ServerHalf<'_, '_> {
             b'1' | b'2' | b'3' => {
                 let ok = matches!(
                     (tag, self.step().map(|s| &s.kind)),
-                    (b'1', Some(Kind::Parse)) | (b'2', Some(Kind::Bind)) | (b'3', Some(Kind::Close))
+                    (b'1', Some(Kind::Parse))
+                        | (b'2', Some(Kind::Bind))
+                        | (b'3', Some(Kind::Close))
                 );
                 if !ok {
                     return Err(Self::desync(&format!("'{}'", tag as char)));
@@ -882,7 +940,15 @@ impl ServerHalf<'_, '_> {
                 self.client.msg(tag, &body);
             }
             b't' => match self.step().map(|s| &s.kind) {
-                Some(Kind::DescribeStmt { injected, .. }) => {
+                Some(Kind::DescribeStmt { injected, stmt }) => {
+                    if let Some(st) = stmt {
+                        let mut b = Body::new(&body);
+                        let n = b.i16().map_err(End::from)?.max(0);
+                        let types: Vec<u32> = (0..n)
+                            .map_while(|_| b.i32().ok().map(|o| o as u32))
+                            .collect();
+                        *st.param_types.lock() = types;
+                    }
                     if !injected {
                         self.client.msg(tag, &body);
                     }
@@ -1023,50 +1089,62 @@ impl ServerHalf<'_, '_> {
         }
         Ok(())
     }
-
 }
 
 /// Resolve a RowDescription's columns to real table and column names.
 async fn columns(r: &Relay<'_>, body: &[u8]) -> Result<Cols, End> {
-        let mut b = Body::new(body);
-        let n = b.i16().map_err(End::from)?.max(0) as usize;
-        let mut raw = Vec::with_capacity(n);
-        for _ in 0..n {
-            let name = b.cstr()?;
-            let table = b.i32()? as u32;
-            let attnum = b.i16()?;
-            let type_oid = b.i32()? as u32;
-            let _size = b.i16()?;
-            let _modifier = b.i32()?;
-            let format = b.i16()?;
-            raw.push((name, table, attnum, type_oid, format));
-        }
-        let mut oids: Vec<u32> = raw.iter().map(|c| c.1).filter(|o| *o != 0).collect();
-        oids.sort_unstable();
-        oids.dedup();
-        let tables = if oids.is_empty() {
-            HashMap::new()
-        } else {
-            r.catalog
-                .tables(&r.target, &oids)
-                .await
-                .map_err(|e| End::Fatal(format!("cannot resolve result columns for masking: {e}")))?
-        };
-        Ok(Arc::new(
-            raw.into_iter()
-                .map(|(label, table, attnum, type_oid, format)| {
-                    let t = tables.get(&table);
-                    Col {
-                        table: t.filter(|t| !t.name.is_empty()).map(|t| t.name.clone()),
-                        name: t
-                            .and_then(|t| t.columns.get(&attnum).cloned())
-                            .unwrap_or(label),
-                        type_oid,
-                        format,
-                    }
-                })
-                .collect(),
-        ))
+    let mut b = Body::new(body);
+    let n = b.i16().map_err(End::from)?.max(0) as usize;
+    let mut raw = Vec::with_capacity(n);
+    for _ in 0..n {
+        let name = b.cstr()?;
+        let table = b.i32()? as u32;
+        let attnum = b.i16()?;
+        let type_oid = b.i32()? as u32;
+        let _size = b.i16()?;
+        let _modifier = b.i32()?;
+        let format = b.i16()?;
+        raw.push((name, table, attnum, type_oid, format));
+    }
+    let mut oids: Vec<u32> = raw.iter().map(|c| c.1).filter(|o| *o != 0).collect();
+    oids.sort_unstable();
+    oids.dedup();
+    let tables = if oids.is_empty() {
+        HashMap::new()
+    } else {
+        r.catalog
+            .tables(&r.target, &oids)
+            .await
+            .map_err(|e| End::Fatal(format!("cannot resolve result columns for masking: {e}")))?
+    };
+    Ok(Arc::new(
+        raw.into_iter()
+            .map(|(label, table, attnum, type_oid, format)| {
+                let t = tables.get(&table);
+                Col {
+                    table: t.filter(|t| !t.name.is_empty()).map(|t| t.name.clone()),
+                    name: t
+                        .and_then(|t| t.columns.get(&attnum).cloned())
+                        .unwrap_or(label),
+                    type_oid,
+                    format,
+                }
+            })
+            .collect(),
+    ))
+}
+
+/// A binary parameter for the audit record: numbers and booleans decoded, the rest described.
+fn binary_param(oid: u32, v: &[u8]) -> String {
+    match (oid, v.len()) {
+        (16, 1) => (v[0] != 0).to_string(),
+        (21, 2) => i16::from_be_bytes([v[0], v[1]]).to_string(),
+        (23, 4) => i32::from_be_bytes([v[0], v[1], v[2], v[3]]).to_string(),
+        (20, 8) => i64::from_be_bytes(v.try_into().unwrap_or([0; 8])).to_string(),
+        (700, 4) => f32::from_be_bytes([v[0], v[1], v[2], v[3]]).to_string(),
+        (701, 8) => f64::from_be_bytes(v.try_into().unwrap_or([0; 8])).to_string(),
+        _ => format!("<binary {} bytes>", v.len()),
+    }
 }
 
 /// Give an Execute step's command the columns and formats its rows have.
@@ -1102,7 +1180,12 @@ fn format_of(cmd: &Cmd, i: usize) -> i16 {
 
 /// Mask one DataRow; returns the new body when a value changed. Also counts the row and
 /// appends it (masked) to the command's excerpt while the caps allow.
-fn mask_row(body: &[u8], cmd: &mut Cmd, scope: Scope<'_>, audit: Scope<'_>) -> Result<Option<BytesMut>, End> {
+fn mask_row(
+    body: &[u8],
+    cmd: &mut Cmd,
+    scope: Scope<'_>,
+    audit: Scope<'_>,
+) -> Result<Option<BytesMut>, End> {
     cmd.data_rows += 1;
     cmd.bytes += body.len() as u64;
     let clear = scope.is_clear();
@@ -1313,7 +1396,10 @@ mod tests {
         ]);
         let mut c = cmd(Some(cols.clone()), vec![]);
         let body = row(&[Some(b"ada@example.com"), Some(b"123-45-6789"), Some(b"7")]);
-        let out = mask_row(&body, &mut c, scope, m.audit_scope()).ok().flatten().expect("changed");
+        let out = mask_row(&body, &mut c, scope, m.audit_scope())
+            .ok()
+            .flatten()
+            .expect("changed");
         let mut b = Body::new(&out);
         assert_eq!(b.i16().unwrap(), 3);
         assert_eq!(b.value().unwrap(), Some(&b"[REDACTED:email]"[..]));
@@ -1323,8 +1409,15 @@ mod tests {
         assert_eq!(c.excerpt, "[REDACTED:email]\t\\N\t7\n");
         // Binary results: an int column under a rule becomes NULL, text-like is masked.
         let mut c = cmd(Some(cols), vec![1]);
-        let body = row(&[Some(b"bob@example.org"), Some(&[0, 0, 0, 1]), Some(&[0, 0, 0, 7])]);
-        let out = mask_row(&body, &mut c, scope, m.audit_scope()).ok().flatten().expect("changed");
+        let body = row(&[
+            Some(b"bob@example.org"),
+            Some(&[0, 0, 0, 1]),
+            Some(&[0, 0, 0, 7]),
+        ]);
+        let out = mask_row(&body, &mut c, scope, m.audit_scope())
+            .ok()
+            .flatten()
+            .expect("changed");
         let mut b = Body::new(&out);
         b.i16().unwrap();
         assert_eq!(b.value().unwrap(), Some(&b"[REDACTED:email]"[..]));
@@ -1335,7 +1428,9 @@ mod tests {
         let mut c = cmd(None, vec![]);
         for _ in 0..3 {
             let body = row(&[Some(b"ada@example.com")]);
-            assert!(mask_row(&body, &mut c, clear, m.audit_scope()).unwrap().is_none());
+            assert!(mask_row(&body, &mut c, clear, m.audit_scope())
+                .unwrap()
+                .is_none());
         }
         assert_eq!(c.excerpt, "[REDACTED:email]\n[REDACTED:email]\n");
         assert!(c.truncated);

@@ -80,10 +80,7 @@ impl Target {
             message,
         };
         if c.kind != "postgres" {
-            return Err(cfg(format!(
-                "is a {} connection, not postgres",
-                c.kind
-            )));
+            return Err(cfg(format!("is a {} connection, not postgres", c.kind)));
         }
         let user = c
             .secrets
@@ -91,7 +88,9 @@ impl Target {
             .or_else(|| c.secrets.get("user"))
             .or_else(|| c.options.get("username"))
             .cloned()
-            .ok_or_else(|| cfg("has no username (custos connection put … --secret username=NAME)".into()))?;
+            .ok_or_else(|| {
+                cfg("has no username (custos connection put … --secret username=NAME)".into())
+            })?;
         let tls = match c.options.get("sslmode").map(String::as_str) {
             None | Some("disable") => TlsMode::Disable,
             Some("require") => TlsMode::Require(None),
@@ -104,7 +103,8 @@ impl Target {
                     .map_err(|e| cfg(format!("cannot read sslrootcert {path}: {e}")))?;
                 let mut roots = rustls::RootCertStore::empty();
                 for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
-                    let cert = cert.map_err(|e| cfg(format!("bad certificate in {path}: {e:?}")))?;
+                    let cert =
+                        cert.map_err(|e| cfg(format!("bad certificate in {path}: {e:?}")))?;
                     roots
                         .add(cert)
                         .map_err(|e| cfg(format!("bad certificate in {path}: {e}")))?;
@@ -386,7 +386,12 @@ pub async fn connect(t: &Target, extra: &[(String, String)]) -> Result<Upstream,
                 });
             }
             b'v' => {} // NegotiateProtocolVersion: we asked for plain 3.0
-            other => return Err(t.protocol(format!("unexpected message '{}' during login", other as char))),
+            other => {
+                return Err(t.protocol(format!(
+                    "unexpected message '{}' during login",
+                    other as char
+                )))
+            }
         }
     }
 }

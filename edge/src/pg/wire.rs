@@ -265,9 +265,20 @@ pub fn put_cstr(buf: &mut BytesMut, s: &str) {
 }
 
 /// The body of an `ErrorResponse` (or `NoticeResponse`).
-pub fn error_body(severity: &str, code: &str, message: &str, detail: Option<&str>, hint: Option<&str>) -> BytesMut {
+pub fn error_body(
+    severity: &str,
+    code: &str,
+    message: &str,
+    detail: Option<&str>,
+    hint: Option<&str>,
+) -> BytesMut {
     let mut b = BytesMut::new();
-    for (f, v) in [(b'S', severity), (b'V', severity), (b'C', code), (b'M', message)] {
+    for (f, v) in [
+        (b'S', severity),
+        (b'V', severity),
+        (b'C', code),
+        (b'M', message),
+    ] {
         b.put_u8(f);
         put_cstr(&mut b, v);
     }
