@@ -446,6 +446,7 @@ async fn custos_dev_runs_the_embedded_default() -> Result<()> {
         .args(["dev", "--data-dir"])
         .arg(dir.path())
         .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--postgres-listen", &format!("127.0.0.1:{}", free_port())])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()?;

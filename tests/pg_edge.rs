@@ -679,3 +679,42 @@ async fn large_copy_and_values_pass_in_bounded_memory() -> Result<()> {
     assert!(rows.contains(&262_144), "{rows:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_audit_mode_records_after_the_fact() -> Result<()> {
+    let env = EdgeEnv::start(EnvOpts {
+        audit_mode: "async",
+        ..Default::default()
+    })?;
+    let c = env.client(&env.agent_token, "agent:reporter").await?;
+    for i in 0..20 {
+        c.batch_execute(&format!("INSERT INTO notes (body) VALUES ('async {i}')"))
+            .await?;
+    }
+    let mut got = 0;
+    for _ in 0..50 {
+        let recs = env.audit(&[
+            "--identity",
+            "agent:reporter",
+            "--kind",
+            "command_completed",
+        ])?;
+        got = recs
+            .iter()
+            .filter_map(completed)
+            .filter(|c| c["rows"] == 1)
+            .count();
+        if got >= 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(got >= 20, "only {got} of 20 completions recorded");
+    let recs = env.audit(&["--identity", "agent:reporter", "--kind", "command_received"])?;
+    let inserts = commands(&recs)
+        .into_iter()
+        .filter(|(t, v, _)| t.starts_with("INSERT INTO notes") && *v == ALLOW)
+        .count();
+    assert_eq!(inserts, 20, "each command exactly once");
+    Ok(())
+}
