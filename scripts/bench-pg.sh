@@ -4,6 +4,9 @@
 #   with async audit (a control-plane node ingesting from NATS JetStream, `custos edge` publishing
 #   to it), all measured by `custos-loadtest pgbench` in interleaved rounds.
 #   ./scripts/bench-pg.sh [extra custos-loadtest pgbench flags, e.g. --seconds 20 --rounds 3 --out FILE]
+#   BENCH_CP=off ./scripts/bench-pg.sh …   stops the control plane for the runs (the edge serves with
+#     the configuration it has and NATS keeps the events), so the figures show the data path alone;
+#     the control plane is restarted afterwards and ingests the backlog.
 # Needs: PostgreSQL on 127.0.0.1:5432 (trust for user postgres), nats-server, pgbouncer, haproxy
 # (./scripts/bench-deps.sh installs the last two).
 set -euo pipefail
@@ -36,7 +39,7 @@ kind = "nats"
 [bus.nats]
 url = "nats://127.0.0.1:$NATS_PORT"
 TOML
-CUSTOS_LOG=warn "$BIN/custos" controlplane --config "$work/cp.toml" 2>"$work/cp.log" & pids+=($!)
+CUSTOS_LOG=warn "$BIN/custos" controlplane --config "$work/cp.toml" 2>"$work/cp.log" & cp_pid=$!; pids+=($cp_pid)
 wait_port "$CP_PORT"
 export CUSTOS_SERVER="http://127.0.0.1:$CP_PORT" CUSTOS_TOKEN=bench-admin-token
 for _ in $(seq 100); do "$BIN/custos" cluster status 2>/dev/null | grep -q "leader 1" && break; sleep 0.1; done
@@ -68,8 +71,24 @@ TOML
 CUSTOS_LOG=warn "$BIN/custos" edge --config "$work/edge.toml" 2>"$work/edge.log" & pids+=($!)
 wait_port "$EDGE_PORT"
 sleep 1
+if [ "${BENCH_CP:-on}" = off ]; then
+  kill "$cp_pid"; wait "$cp_pid" 2>/dev/null || true
+  echo "control plane stopped for the runs" >&2
+fi
 "$BIN/custos-loadtest" pgbench \
   --target "custos-strict=postgresql://bench:$TOKEN@127.0.0.1:$EDGE_PORT/bench-strict?sslmode=disable" \
   --target "custos-async=postgresql://bench:$TOKEN@127.0.0.1:$EDGE_PORT/bench-async?sslmode=disable" \
   "$@"
-echo "audit records committed: $("$BIN/custos" audit verify | head -1)" >&2
+if [ "${BENCH_CP:-on}" = off ]; then
+  CUSTOS_LOG=warn "$BIN/custos" controlplane --config "$work/cp.toml" 2>>"$work/cp.log" & pids+=($!)
+  wait_port "$CP_PORT"
+  t0=$(date +%s)
+  prev=-1
+  while :; do
+    head=$("$BIN/custos" cluster status 2>/dev/null | sed -n 's/.*audit head seq \([0-9]*\).*/\1/p')
+    [ "$head" = "$prev" ] && break
+    prev=$head; sleep 2
+  done
+  echo "control plane ingested the backlog: head seq $head after $(( $(date +%s) - t0 )) s" >&2
+fi
+echo "audit: $("$BIN/custos" audit verify | head -1)" >&2

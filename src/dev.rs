@@ -22,6 +22,10 @@ pub struct DevArgs {
     /// Masking rules for the edge (a TOML file with a [masking] table; see docs/masking.md).
     #[arg(long)]
     pub masking: Option<PathBuf>,
+    /// Accept OIDC JWTs as passwords: a TOML file with an [oidc] table (issuer, audience,
+    /// jwks_file or jwks_url; see deploy/examples/edge/edge.toml).
+    #[arg(long)]
+    pub oidc: Option<PathBuf>,
     /// Accept tokens over Postgres connections without TLS (the dev edge has a certificate;
     /// this is for clients that cannot do TLS).
     #[arg(long)]
@@ -125,6 +129,17 @@ async fn start_edge(
     ecfg.postgres.allow_insecure_password = args.allow_insecure_password;
     if let Some(path) = &args.masking {
         ecfg.masking = crate::mask_cmd::load_config(path)?;
+    }
+    if let Some(path) = &args.oidc {
+        #[derive(serde::Deserialize)]
+        struct File {
+            oidc: custos_core::oidc::OidcConfig,
+        }
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let f: File = toml::from_str(&text)
+            .with_context(|| format!("{} needs an [oidc] table", path.display()))?;
+        ecfg.oidc = Some(f.oidc);
     }
     ecfg.validate()?;
     let setup = crate::edge_cmd::setup(&ecfg, std::sync::Arc::new(bus))?;
