@@ -12,8 +12,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/custos/target}"
-cargo build --release --bin custos -p custos-loadtest -p custos >/dev/null
-BIN="$CARGO_TARGET_DIR/release"
+# CUSTOS_BIN_DIR=… uses binaries built elsewhere (e.g. a dev build with CARGO_PROFILE_DEV_OPT_LEVEL=3).
+if [ -n "${CUSTOS_BIN_DIR:-}" ]; then
+  BIN="$CUSTOS_BIN_DIR"
+else
+  cargo build --release -p custos -p custos-loadtest >/dev/null
+  BIN="$CARGO_TARGET_DIR/release"
+fi
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }

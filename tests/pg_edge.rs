@@ -718,3 +718,44 @@ async fn async_audit_mode_records_after_the_fact() -> Result<()> {
     assert_eq!(inserts, 20, "each command exactly once");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_in_notices_and_listen_notify_pass_through() -> Result<()> {
+    use std::io::Write;
+    let env = EdgeEnv::start(EnvOpts::default())?;
+    // COPY FROM STDIN (CopyIn, CopyData from the client, CopyDone).
+    let mut child = std::process::Command::new("psql")
+        .args(["-X", "-v", "ON_ERROR_STOP=1", "-c", "COPY notes (body) FROM STDIN"])
+        .arg(env.conninfo("agent:reporter", "require"))
+        .env("PGPASSWORD", &env.agent_token)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    {
+        let mut stdin = child.stdin.take().unwrap();
+        for i in 0..1000 {
+            writeln!(stdin, "copied line {i}")?;
+        }
+    }
+    let out = child.wait_with_output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(env.pg.psql_super("app", "SELECT count(*) FROM notes")?.trim(), "1000");
+    // Notices and LISTEN/NOTIFY.
+    let (code, out, err) = env.psql_with(
+        &env.agent_token,
+        "agent:reporter",
+        "require",
+        &["-c", "LISTEN jobs", "-c", "NOTIFY jobs, 'ready'", "-c", "SELECT 1"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("Asynchronous notification \"jobs\" with payload \"ready\""), "{out}{err}");
+    let (code, _, err) = env.psql(
+        &env.dba_token,
+        "alice",
+        "DO $$ BEGIN RAISE NOTICE 'hello from the server'; END $$",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("NOTICE:  hello from the server"), "{err}");
+    Ok(())
+}
