@@ -725,7 +725,13 @@ async fn copy_in_notices_and_listen_notify_pass_through() -> Result<()> {
     let env = EdgeEnv::start(EnvOpts::default())?;
     // COPY FROM STDIN (CopyIn, CopyData from the client, CopyDone).
     let mut child = std::process::Command::new("psql")
-        .args(["-X", "-v", "ON_ERROR_STOP=1", "-c", "COPY notes (body) FROM STDIN"])
+        .args([
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            "COPY notes (body) FROM STDIN",
+        ])
         .arg(env.conninfo("agent:reporter", "require"))
         .env("PGPASSWORD", &env.agent_token)
         .stdin(std::process::Stdio::piped())
@@ -739,17 +745,36 @@ async fn copy_in_notices_and_listen_notify_pass_through() -> Result<()> {
         }
     }
     let out = child.wait_with_output()?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(env.pg.psql_super("app", "SELECT count(*) FROM notes")?.trim(), "1000");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        env.pg
+            .psql_super("app", "SELECT count(*) FROM notes")?
+            .trim(),
+        "1000"
+    );
     // Notices and LISTEN/NOTIFY.
     let (code, out, err) = env.psql_with(
         &env.agent_token,
         "agent:reporter",
         "require",
-        &["-c", "LISTEN jobs", "-c", "NOTIFY jobs, 'ready'", "-c", "SELECT 1"],
+        &[
+            "-c",
+            "LISTEN jobs",
+            "-c",
+            "NOTIFY jobs, 'ready'",
+            "-c",
+            "SELECT 1",
+        ],
     );
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("Asynchronous notification \"jobs\" with payload \"ready\""), "{out}{err}");
+    assert!(
+        out.contains("Asynchronous notification \"jobs\" with payload \"ready\""),
+        "{out}{err}"
+    );
     let (code, _, err) = env.psql(
         &env.dba_token,
         "alice",
