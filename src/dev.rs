@@ -105,7 +105,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
     wait_for_signal().await;
     eprintln!("shutting down");
     if let Some(e) = edge {
-        e.shutdown();
+        e.stop(std::time::Duration::from_secs(10)).await;
     }
     node.shutdown().await;
     Ok(())

@@ -62,7 +62,10 @@ pub async fn run(path: &Path) -> Result<()> {
         );
     }
     crate::dev::wait_for_signal().await;
-    edge.shutdown();
+    let left = edge.stop(Duration::from_secs(10)).await;
+    if left > 0 {
+        eprintln!("custos edge stopped with {left} audit events not published (the bus did not take them)");
+    }
     Ok(())
 }
 

@@ -186,7 +186,8 @@ async fn the_approval_hook_holds_then_forwards_or_refuses() -> Result<()> {
     // The audit log marks the approved command with its approval id.
     let out = run(&["audit", "search", "--verdict", "approved", "--json"]);
     assert!(out.contains("apv-1"), "{out}");
-    edge.shutdown();
+    // A graceful stop publishes what is still queued.
+    assert_eq!(edge.stop(Duration::from_secs(10)).await, 0);
     node.shutdown().await;
     Ok(())
 }

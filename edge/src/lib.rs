@@ -54,6 +54,7 @@ pub struct EdgeSetup {
 pub struct Edge {
     pub postgres_addr: Option<SocketAddr>,
     pub config: tokio_watch::Receiver<Arc<watch::EdgeConfig>>,
+    recorder: Recorder,
     shutdown: tokio_watch::Sender<bool>,
 }
 
@@ -85,6 +86,7 @@ impl Edge {
             recorder: Recorder::new(setup.bus, shutdown_rx.clone()),
             masker,
         };
+        let recorder = services.recorder.clone();
         let mut postgres_addr = None;
         if let Some((addr, opts)) = setup.postgres {
             let listener =
@@ -101,6 +103,7 @@ impl Edge {
         Ok(Edge {
             postgres_addr,
             config: cfg_rx,
+            recorder,
             shutdown,
         })
     }
@@ -113,8 +116,23 @@ impl Edge {
             .is_ok_and(|r| r.is_ok())
     }
 
+    /// Stop accepting clients.
     pub fn shutdown(&self) {
         let _ = self.shutdown.send(true);
+    }
+
+    /// Stop accepting clients, then wait up to `within` for queued audit events to reach the bus.
+    /// Returns how many did not (they are lost; the log says so).
+    pub async fn stop(&self, within: Duration) -> usize {
+        let _ = self.shutdown.send(true);
+        let left = self.recorder.drain(within).await;
+        if left > 0 {
+            tracing::error!(
+                unpublished = left,
+                "edge stopped with audit events the bus never took"
+            );
+        }
+        left
     }
 }
 

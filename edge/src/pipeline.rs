@@ -361,12 +361,16 @@ pub struct Recorder {
     bus: Arc<dyn EventBus>,
     tx: mpsc::Sender<Event>,
     strict_timeout: Duration,
+    /// Queued events not yet taken by the bus.
+    outstanding: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Recorder {
     pub fn new(bus: Arc<dyn EventBus>, shutdown: watch::Receiver<bool>) -> Recorder {
         let (tx, mut rx) = mpsc::channel::<Event>(65_536);
         let b = bus.clone();
+        let outstanding = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let left = outstanding.clone();
         tokio::spawn(async move {
             // Publish what is queued in batches of concurrent publishes: one at a time would cap
             // an edge at one bus round trip per event.
@@ -384,6 +388,10 @@ impl Recorder {
                         .map(|ev| publish_until_taken(&*b, ev, shutdown.clone())),
                 )
                 .await;
+                left.fetch_sub(
+                    sent.iter().filter(|ok| **ok).count(),
+                    std::sync::atomic::Ordering::SeqCst,
+                );
                 if sent.iter().any(|ok| !ok) {
                     tracing::error!(
                         unpublished = sent.iter().filter(|ok| !**ok).count(),
@@ -397,7 +405,22 @@ impl Recorder {
             bus,
             tx,
             strict_timeout: Duration::from_secs(5),
+            outstanding,
         }
+    }
+
+    /// Queued events the bus has not taken yet.
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Wait until every queued event is published, or `within` passes; returns what is left.
+    pub async fn drain(&self, within: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + within;
+        while self.outstanding() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.outstanding()
     }
 
     /// Publish and wait for the bus's acknowledgement.
@@ -413,7 +436,11 @@ impl Recorder {
 
     /// Queue for background publishing (ordered with other queued events).
     pub async fn later(&self, ev: Event) {
+        self.outstanding
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if self.tx.send(ev).await.is_err() {
+            self.outstanding
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             tracing::error!("audit queue closed; event dropped");
         }
     }
