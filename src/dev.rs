@@ -100,7 +100,13 @@ pub async fn run(args: DevArgs) -> Result<()> {
     println!("  custos policy apply deploy/examples/policies/agents.cedar");
     println!("  custos token issue agent:reporter --group agents --ttl 8h");
     println!("  custos connection put app --kind postgres --address 127.0.0.1:5432 -o database=app -s username=app -s password=env:APP_PW");
-    println!("  psql \"host=127.0.0.1 port=15432 sslmode=require user=agent:reporter dbname=app password=<token>\"");
+    if let Some(a) = edge.as_ref().and_then(|e| e.postgres_addr) {
+        println!(
+            "  psql \"host={} port={} sslmode=require user=agent:reporter dbname=app password=<token>\"",
+            a.ip(),
+            a.port()
+        );
+    }
     println!("  custos audit tail --follow");
     wait_for_signal().await;
     eprintln!("shutting down");
