@@ -669,6 +669,12 @@ async fn large_copy_and_values_pass_in_bounded_memory() -> Result<()> {
         "a masked 64 MiB value grew the edge by {} KiB",
         after_value_masked - base
     );
+    // Extended protocol: a streamed 20 MiB value arrives whole, and is counted as a row.
+    let c = env.client(&env.dba_token, "alice").await?;
+    let row = c
+        .query_one("SELECT repeat('z', 20 * 1024 * 1024)", &[])
+        .await?;
+    assert_eq!(row.get::<_, String>(0).len(), 20 * 1024 * 1024);
     // The session and the audit trail are intact.
     let recs = env.audit(&["--identity", "alice", "--kind", "command_completed"])?;
     let rows: Vec<u64> = recs
@@ -677,6 +683,12 @@ async fn large_copy_and_values_pass_in_bounded_memory() -> Result<()> {
         .map(|c| c["rows"].as_u64().unwrap_or(0))
         .collect();
     assert!(rows.contains(&262_144), "{rows:?}");
+    assert!(
+        recs.iter()
+            .filter_map(completed)
+            .any(|c| c["rows"] == 1 && c["result_truncated"] == true),
+        "the streamed row was not counted"
+    );
     Ok(())
 }
 

@@ -848,7 +848,9 @@ impl ServerHalf<'_, '_> {
                 if !clear {
                     return false;
                 }
-                if let Some(cmd) = self.cur.as_mut().and_then(|s| s.cmd.as_mut()) {
+                // The row belongs to the head step (an Execute's first row may arrive before
+                // anything else of its response).
+                if let Some(cmd) = self.step().and_then(|s| s.cmd.as_mut()) {
                     cmd.truncated = true;
                 }
                 true
