@@ -36,6 +36,7 @@ pub fn setup(cfg: &EdgeFileConfig, bus: Arc<dyn EventBus>) -> Result<EdgeSetup> 
             servers: cfg.controlplane.servers.clone(),
             token: cfg.token()?,
             max_backoff: Duration::from_millis(cfg.controlplane.max_backoff_ms.max(100)),
+            tls: cfg.controlplane_tls()?,
         },
         bus,
         postgres,

@@ -554,6 +554,7 @@ async fn edges_follow_configuration_and_keep_it_when_the_control_plane_goes_away
         servers: vec![nodes[0].addr()],
         token: edge.token.clone(),
         max_backoff: Duration::from_millis(500),
+        tls: None,
     };
     let task = tokio::spawn(run(opts, tx, stop_rx));
     tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|c| c.synced)).await??;
@@ -633,6 +634,7 @@ async fn edges_follow_configuration_and_keep_it_when_the_control_plane_goes_away
         servers: vec![nodes[0].addr()],
         token: plain.token,
         max_backoff: Duration::from_millis(200),
+        tls: None,
     };
     let t2 = tokio::spawn(run(opts, tx2, stop_rx2));
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -786,6 +788,49 @@ async fn mutual_tls_between_nodes_and_clients() -> Result<()> {
         &["audit", "search", "--kind", "token_issued"],
     );
     assert_eq!(code, 0, "{out}{err}");
+    // An edge follows the control plane over mutual TLS: once synced it judges tokens (an
+    // unsynced edge would answer "has not received its configuration").
+    let nats = Nats::start()?;
+    let edge_port = free_port();
+    let edge_cfg = root.path().join("edge.toml");
+    std::fs::write(
+        &edge_cfg,
+        format!(
+            "[edge]\nid = \"tls-edge\"\n[controlplane]\nservers = [\"{}\"]\ntoken = \"{ADMIN_TOKEN}\"\nca = \"{p}/ca.pem\"\ncert = \"{p}/cli.pem\"\nkey = \"{p}/cli.key\"\n[bus.nats]\nurl = \"{}\"\n[postgres]\nlisten = \"127.0.0.1:{edge_port}\"\nallow_insecure_password = true\n",
+            nodes[1].addr(),
+            nats.url(),
+            p = pki.display()
+        ),
+    )?;
+    let mut edge = Command::new(custos_bin())
+        .args(["edge", "--config"])
+        .arg(&edge_cfg)
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    wait_port(edge_port, Duration::from_secs(20))?;
+    let mut synced = false;
+    let mut last = String::new();
+    for _ in 0..100 {
+        let out = Command::new("psql")
+            .args(["-X", "-c", "SELECT 1"])
+            .arg(format!(
+                "host=127.0.0.1 port={edge_port} dbname=app user=bob sslmode=disable"
+            ))
+            .env(
+                "PGPASSWORD",
+                "cst_0123456789abcdef_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+            )
+            .output()?;
+        last = String::from_utf8_lossy(&out.stderr).into_owned();
+        if last.contains("unknown token id") {
+            synced = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = edge.kill();
+    let _ = edge.wait();
+    assert!(synced, "edge never synced over mTLS: {last}");
     // Without a client certificate, and in plain text, the node refuses.
     let (code, _, _) = tls_cli(nodes[0].port, false, &["cluster", "status"]);
     assert_ne!(code, 0);

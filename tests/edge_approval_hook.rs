@@ -123,6 +123,7 @@ async fn the_approval_hook_holds_then_forwards_or_refuses() -> Result<()> {
             servers: vec![server.clone()],
             token: admin.clone(),
             max_backoff: Duration::from_millis(500),
+            tls: None,
         },
         bus: Arc::new(bus),
         postgres: Some((

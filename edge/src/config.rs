@@ -7,6 +7,9 @@
 //! [controlplane]
 //! servers = ["10.0.0.1:7400", "10.0.0.2:7400", "10.0.0.3:7400"]
 //! token_file = "/etc/custos/edge.token"   # a token issued with --role edge
+//! ca = "/etc/custos/ca.pem"                # TLS toward the control plane (optional);
+//! cert = "/etc/custos/edge.pem"            # with a client certificate for mutual TLS
+//! key = "/etc/custos/edge-client.key"
 //!
 //! [bus.nats]
 //! url = "nats://127.0.0.1:4222"
@@ -69,6 +72,11 @@ pub struct ControlPlaneSection {
     pub token: Option<String>,
     /// Longest wait between reconnection attempts.
     pub max_backoff_ms: u64,
+    /// CA bundle that signed the control plane's certificate (turns on TLS).
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key, for a control plane that requires mutual TLS.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
 }
 
 impl Default for ControlPlaneSection {
@@ -78,6 +86,9 @@ impl Default for ControlPlaneSection {
             token_file: None,
             token: None,
             max_backoff_ms: 5000,
+            ca: None,
+            cert: None,
+            key: None,
         }
     }
 }
@@ -141,6 +152,16 @@ impl EdgeFileConfig {
                 "[controlplane] needs token_file (a token issued with `custos token issue EDGE --role edge`)".into(),
             ));
         }
+        if self.controlplane.cert.is_some() != self.controlplane.key.is_some() {
+            return Err(ConfigError(
+                "[controlplane] cert and key go together".into(),
+            ));
+        }
+        if self.controlplane.cert.is_some() && self.controlplane.ca.is_none() {
+            return Err(ConfigError(
+                "[controlplane] cert/key need ca (the CA that signed the control plane's certificate)".into(),
+            ));
+        }
         if self.postgres.tls_cert.is_some() != self.postgres.tls_key.is_some() {
             return Err(ConfigError(
                 "[postgres] tls_cert and tls_key go together".into(),
@@ -157,6 +178,27 @@ impl EdgeFileConfig {
         custos_core::mask::Masker::new(&self.masking)
             .map_err(|e| ConfigError(format!("[masking] {e}")))?;
         Ok(())
+    }
+
+    /// TLS toward the control plane, when `[controlplane] ca` is set.
+    pub fn controlplane_tls(
+        &self,
+    ) -> Result<Option<tonic::transport::ClientTlsConfig>, ConfigError> {
+        let Some(ca) = &self.controlplane.ca else {
+            return Ok(None);
+        };
+        let read = |p: &Path| {
+            std::fs::read(p).map_err(|e| ConfigError(format!("cannot read {}: {e}", p.display())))
+        };
+        let mut tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?));
+        if let (Some(cert), Some(key)) = (&self.controlplane.cert, &self.controlplane.key) {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                read(cert)?,
+                read(key)?,
+            ));
+        }
+        Ok(Some(tls))
     }
 
     /// The control-plane token (from `token` or `token_file`).

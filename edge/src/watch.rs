@@ -72,11 +72,15 @@ pub struct WatchOptions {
     pub servers: Vec<String>,
     pub token: String,
     pub max_backoff: Duration,
+    /// TLS (and a client certificate for mutual TLS) toward the control plane.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
-fn url(s: &str) -> String {
+fn url(s: &str, tls: bool) -> String {
     if s.contains("://") {
         s.to_string()
+    } else if tls {
+        format!("https://{s}")
     } else {
         format!("http://{s}")
     }
@@ -95,7 +99,7 @@ pub async fn run(
         if *shutdown.borrow() || opts.servers.is_empty() {
             return;
         }
-        let server = url(&opts.servers[i % opts.servers.len()]);
+        let server = url(&opts.servers[i % opts.servers.len()], opts.tls.is_some());
         i += 1;
         let res = tokio::select! {
             _ = shutdown.changed() => return,
@@ -120,9 +124,15 @@ async fn follow(
     server: &str,
     tx: &watch::Sender<Arc<EdgeConfig>>,
 ) -> Result<(), String> {
-    let ch = tonic::transport::Endpoint::from_shared(server.to_string())
+    let mut ep = tonic::transport::Endpoint::from_shared(server.to_string())
         .map_err(|e| e.to_string())?
-        .connect_timeout(Duration::from_secs(2))
+        .connect_timeout(Duration::from_secs(2));
+    if let Some(tls) = &opts.tls {
+        ep = ep
+            .tls_config(tls.clone())
+            .map_err(|e| format!("TLS configuration: {e}"))?;
+    }
+    let ch = ep
         .connect()
         .await
         .map_err(|e| format!("cannot connect: {e}"))?;
