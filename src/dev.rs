@@ -149,7 +149,10 @@ async fn start_edge(
     }
     ecfg.validate()?;
     let setup = crate::edge_cmd::setup(&ecfg, std::sync::Arc::new(bus))?;
-    let edge = custos_edge::Edge::start(setup).await?;
+    let edge = custos_edge::Edge::start(setup).await.context(
+        "the dev edge cannot start (choose another address with --postgres-listen ADDR, or run \
+         without it: --postgres-listen off)",
+    )?;
     edge.wait_synced(std::time::Duration::from_secs(10)).await;
     Ok(edge)
 }
