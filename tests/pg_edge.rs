@@ -796,3 +796,74 @@ async fn copy_in_notices_and_listen_notify_pass_through() -> Result<()> {
     assert!(err.contains("NOTICE:  hello from the server"), "{err}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_or_refusing_upstream_gets_a_clear_error_without_credentials() -> Result<()> {
+    let env = EdgeEnv::start(EnvOpts::default())?;
+    let addr = env.pg.addr();
+    env.ok(&[
+        "connection",
+        "put",
+        "wrongpw",
+        "--kind",
+        "postgres",
+        "--address",
+        &addr,
+        "-o",
+        "database=app",
+        "-s",
+        "username=app",
+        "-s",
+        "password=not-the-password",
+    ])?;
+    env.ok(&[
+        "connection",
+        "put",
+        "dead",
+        "--kind",
+        "postgres",
+        "--address",
+        "127.0.0.1:1",
+        "-o",
+        "database=app",
+        "-s",
+        "username=app",
+        "-s",
+        "password=x",
+    ])?;
+    let connect = |db: &str| {
+        let out = std::process::Command::new("psql")
+            .args(["-X", "-c", "SELECT 1"])
+            .arg(format!(
+                "host=127.0.0.1 port={} dbname={db} user=agent:reporter sslmode=require",
+                env.pg_port
+            ))
+            .env("PGPASSWORD", &env.agent_token)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let mut err = String::new();
+    for _ in 0..50 {
+        err = connect("wrongpw");
+        if !err.contains("does not exist") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        err.contains("refused custos's stored credentials (SQLSTATE 28P01)"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("not-the-password") && !err.contains("\"app\""),
+        "{err}"
+    );
+    let err = connect("dead");
+    assert!(err.contains("cannot reach 127.0.0.1:1"), "{err}");
+    // The operator's log says why, still without the password.
+    let log = env.log();
+    assert!(log.contains("upstream login failed"), "no log line");
+    assert!(!log.contains("not-the-password"), "password in the log");
+    Ok(())
+}

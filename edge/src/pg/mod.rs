@@ -337,7 +337,13 @@ impl Login {
             Ok(u) => u,
             Err(e) => {
                 tracing::warn!(connection = %conn.name, error = %e, "upstream login failed");
-                fatal(&mut writer, "08001", &format!("custos: {e}"), None).await;
+                fatal(
+                    &mut writer,
+                    "08001",
+                    &format!("custos: {}", e.client_message()),
+                    None,
+                )
+                .await;
                 return Ok(());
             }
         };

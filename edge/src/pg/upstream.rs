@@ -43,6 +43,25 @@ pub enum UpstreamError {
     },
 }
 
+impl UpstreamError {
+    /// What a client is told: the server's own login error text names the injected user, so
+    /// only its SQLSTATE goes to the client; the edge's log has the whole message.
+    pub fn client_message(&self) -> String {
+        match self {
+            UpstreamError::Login { conn, message, .. } => {
+                let code = message
+                    .rsplit_once('(')
+                    .map(|(_, c)| c.trim_end_matches(')'))
+                    .unwrap_or("unknown");
+                format!(
+                    "connection {conn}: the target refused custos's stored credentials (SQLSTATE {code}); an operator can see why in the edge log"
+                )
+            }
+            other => other.to_string(),
+        }
+    }
+}
+
 /// How to reach and log in to one upstream.
 #[derive(Clone)]
 pub struct Target {
