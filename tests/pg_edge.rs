@@ -602,26 +602,8 @@ fn peak_kib(pid: u32) -> u64 {
 }
 
 fn psql_to_null(env: &EdgeEnv, token: &str, user: &str, sql: &str) -> (i32, String) {
-    let out = std::process::Command::new("psql")
-        .args([
-            "-X",
-            "-A",
-            "-t",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-o",
-            "/dev/null",
-            "-c",
-            sql,
-        ])
-        .arg(env.conninfo(user, "require"))
-        .env("PGPASSWORD", token)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let (code, _, err) = env.psql_with(token, user, "require", &["-o", "/dev/null", "-c", sql]);
+    (code, err)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

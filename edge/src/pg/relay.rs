@@ -122,6 +122,28 @@ struct Cmd {
     bytes_cap: usize,
 }
 
+impl Cmd {
+    fn new(id: String, rows_cap: usize, bytes_cap: usize) -> Cmd {
+        Cmd {
+            id,
+            started: Instant::now(),
+            rows: 0,
+            data_rows: 0,
+            bytes: 0,
+            stats: Stats::default(),
+            excerpt: String::new(),
+            excerpt_rows: 0,
+            truncated: false,
+            error: None,
+            cols: None,
+            formats: Vec::new(),
+            copy: None,
+            rows_cap,
+            bytes_cap,
+        }
+    }
+}
+
 enum Kind {
     Parse,
     Bind,
@@ -373,23 +395,7 @@ impl ClientHalf<'_, '_> {
     }
 
     fn cmd(&self, id: String) -> Box<Cmd> {
-        Box::new(Cmd {
-            id,
-            started: Instant::now(),
-            rows: 0,
-            data_rows: 0,
-            bytes: 0,
-            stats: Stats::default(),
-            excerpt: String::new(),
-            excerpt_rows: 0,
-            truncated: false,
-            error: None,
-            cols: None,
-            formats: Vec::new(),
-            copy: None,
-            rows_cap: self.rows_cap,
-            bytes_cap: self.bytes_cap,
-        })
+        Box::new(Cmd::new(id, self.rows_cap, self.bytes_cap))
     }
 
     fn classify(&self, sql: &str) -> Vec<Statement> {
@@ -1336,23 +1342,10 @@ mod tests {
     use custos_core::mask::{MaskConfig, Masker};
 
     fn cmd(cols: Option<Cols>, formats: Vec<i16>) -> Cmd {
-        Cmd {
-            id: "c".into(),
-            started: Instant::now(),
-            rows: 0,
-            data_rows: 0,
-            bytes: 0,
-            stats: Stats::default(),
-            excerpt: String::new(),
-            excerpt_rows: 0,
-            truncated: false,
-            error: None,
-            cols,
-            formats,
-            copy: None,
-            rows_cap: 2,
-            bytes_cap: 1024,
-        }
+        let mut c = Cmd::new("c".into(), 2, 1024);
+        c.cols = cols;
+        c.formats = formats;
+        c
     }
 
     fn row(values: &[Option<&[u8]>]) -> Vec<u8> {
