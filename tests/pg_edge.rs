@@ -562,13 +562,15 @@ async fn approval_hook_holds_and_refuses_without_an_approval_service() -> Result
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_that_never_synced_refuses_clients_and_says_why() -> Result<()> {
+    let nats = common::Nats::start()?;
     let dir = tempfile::tempdir()?;
     let cfg = dir.path().join("edge.toml");
     let port = common::free_port();
     std::fs::write(
         &cfg,
         format!(
-            "[edge]\nid = \"lonely\"\n[controlplane]\nservers = [\"127.0.0.1:1\"]\ntoken = \"x\"\n[postgres]\nlisten = \"127.0.0.1:{port}\"\nallow_insecure_password = true\n[bus.nats]\nurl = \"nats://127.0.0.1:4222\"\n"
+            "[edge]\nid = \"lonely\"\n[controlplane]\nservers = [\"127.0.0.1:1\"]\ntoken = \"x\"\n[postgres]\nlisten = \"127.0.0.1:{port}\"\nallow_insecure_password = true\n[bus.nats]\nurl = \"{}\"\n",
+            nats.url()
         ),
     )?;
     let mut child = std::process::Command::new(common::custos_bin())
