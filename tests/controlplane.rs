@@ -65,6 +65,13 @@ async fn stopped_node_catches_up_from_snapshot_and_a_new_node_joins() -> Result<
         .unwrap()
         .server();
     issue_tokens(&live, 200).await?;
+    // `live` may be a follower that has not applied the last commit yet: wait for it.
+    eventually(
+        Duration::from_secs(10),
+        "240 records on the live node",
+        || async { head(&live).await >= 240 },
+    )
+    .await?;
     let want = head(&live).await;
     assert!(want >= 240, "head {want}");
     nodes[victim].spawn()?;
