@@ -15,6 +15,7 @@ pub struct Client {
     admin: AdminClient<Channel>,
     audit: AuditClient<Channel>,
     cluster: ClusterClient<Channel>,
+    channel: Channel,
 }
 
 /// The one mapping from gRPC status to what a person should do.
@@ -74,11 +75,17 @@ impl Client {
             token,
             admin: AdminClient::new(ch.clone()),
             audit: AuditClient::new(ch.clone()).max_decoding_message_size(max),
-            cluster: ClusterClient::new(ch),
+            cluster: ClusterClient::new(ch.clone()),
+            channel: ch,
         })
     }
 
-    fn req<T>(&self, body: T) -> Request<T> {
+    /// The connection, for services without a wrapper here.
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    pub fn req<T>(&self, body: T) -> Request<T> {
         let mut r = Request::new(body);
         if let Some(t) = &self.token {
             if let Ok(v) = format!("Bearer {t}").parse() {
@@ -88,7 +95,7 @@ impl Client {
         r
     }
 
-    fn err(&self, s: Status) -> anyhow::Error {
+    pub fn err(&self, s: Status) -> anyhow::Error {
         explain(&self.server, s)
     }
 

@@ -8,7 +8,6 @@ use anyhow::{Context, Result};
 use custos_core::bus::{EventBus, NatsBus};
 use custos_edge::config::EdgeFileConfig;
 use custos_edge::pg::{server_tls, PgOptions};
-use custos_edge::pipeline::NoApprovals;
 use custos_edge::watch::WatchOptions;
 use custos_edge::{Edge, EdgeSetup};
 
@@ -42,7 +41,7 @@ pub fn setup(cfg: &EdgeFileConfig, bus: Arc<dyn EventBus>) -> Result<EdgeSetup> 
         postgres,
         masking: cfg.masking.clone(),
         oidc: cfg.oidc.clone(),
-        approvals: Arc::new(NoApprovals),
+        approvals: None,
     })
 }
 

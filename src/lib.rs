@@ -3,6 +3,7 @@
 //! `main.rs` only installs the crypto provider and tracing and calls [`run`].
 #![forbid(unsafe_code)]
 
+mod approvals_cmd;
 mod client;
 mod dev;
 mod edge_cmd;
@@ -95,6 +96,12 @@ pub enum Command {
     /// The Raft cluster.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Just-in-time approvals: watch, list, approve and deny held commands.
+    #[command(subcommand)]
+    Approvals(approvals_cmd::ApprovalsCmd),
+    /// Grants created by approvals: list and revoke.
+    #[command(subcommand)]
+    Grants(approvals_cmd::GrantsCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -291,10 +298,18 @@ pub async fn run(cli: Cli) -> Result<i32> {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read {}", file.display()))?;
             match custos_core::policy::validate(&text) {
-                Ok(v) => {
-                    println!("{}: ok, {} policies", file.display(), v.count);
-                    Ok(0)
-                }
+                Ok(v) => match custos_core::authz::check_annotations(&v.set) {
+                    Ok(()) => {
+                        println!("{}: ok, {} policies", file.display(), v.count);
+                        Ok(0)
+                    }
+                    Err(errors) => {
+                        for e in errors {
+                            eprintln!("{}: {e}", file.display());
+                        }
+                        Ok(1)
+                    }
+                },
                 Err(e) => {
                     for p in &e.problems {
                         eprintln!("{}:{}:{}: {}", file.display(), p.line, p.column, p.message);
@@ -466,5 +481,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
             println!("{}", render::status(&s));
             Ok(0)
         }
+        Command::Approvals(cmd) => approvals_cmd::approvals(&Client::connect(&g).await?, cmd).await,
+        Command::Grants(cmd) => approvals_cmd::grants(&Client::connect(&g).await?, cmd).await,
     }
 }

@@ -44,7 +44,16 @@ fn summary(e: &Event) -> String {
             format!("approval {} requested for {:?}", a.approval_id, a.text)
         }
         Some(Payload::ApprovalDecided(a)) => {
-            format!("approval {} {} by {}", a.approval_id, a.state, a.approver)
+            if a.state == "pending" {
+                format!(
+                    "approval {}: {} approved ({} so far)",
+                    a.approval_id, a.approver, a.approvals
+                )
+            } else if a.approver.is_empty() {
+                format!("approval {} {}", a.approval_id, a.state)
+            } else {
+                format!("approval {} {} by {}", a.approval_id, a.state, a.approver)
+            }
         }
         Some(Payload::PolicyApplied(p)) => format!(
             "policy version {} applied ({} policies)",
@@ -54,6 +63,13 @@ fn summary(e: &Event) -> String {
             format!("connection {} ({} {})", c.change, c.kind, c.address)
         }
         Some(Payload::TokenIssued(t)) => format!("token {} issued to {}", t.token_id, t.subject),
+        Some(Payload::GrantUsed(g)) => format!(
+            "{} grant {} (approval {}) let command {} run",
+            g.kind, g.grant_id, g.approval_id, g.command_id
+        ),
+        Some(Payload::GrantRevoked(g)) => {
+            format!("grant {} revoked by {}", g.grant_id, g.revoked_by)
+        }
         None => "(no payload)".into(),
     }
 }

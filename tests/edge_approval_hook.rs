@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Result;
 use custos_controlplane::{ControlPlane, ControlPlaneConfig, EventInput};
 use custos_core::bus::InProcBus;
-use custos_edge::pipeline::{ApprovalHook, ApprovalOutcome, ApprovalRequest};
+use custos_edge::pipeline::{ApprovalHook, ApprovalOutcome, ApprovalRequest, Held, HoldStart};
 use custos_edge::{pg::PgOptions, watch::WatchOptions, Edge, EdgeSetup};
 use futures::future::BoxFuture;
 
@@ -22,14 +22,29 @@ struct Approver {
 }
 
 impl ApprovalHook for Approver {
-    fn hold(&self, req: ApprovalRequest) -> BoxFuture<'_, ApprovalOutcome> {
+    fn start<'a>(&'a self, req: &'a ApprovalRequest) -> BoxFuture<'a, HoldStart> {
         Box::pin(async move {
             self.seen.fetch_add(1, Ordering::SeqCst);
+            *self.last.lock().unwrap() = Some(req.clone());
+            let id = if req.text.contains("approve-me") {
+                "apv-1"
+            } else {
+                "apv-2"
+            };
+            HoldStart::Held(Held {
+                approval_id: id.into(),
+                approver_group: req.requirement.group.clone(),
+                quorum: req.requirement.quorum,
+                expires_unix_nano: custos_core::events::now_unix_nano() + 60_000_000_000,
+            })
+        })
+    }
+
+    fn wait<'a>(&'a self, held: &'a Held) -> BoxFuture<'a, ApprovalOutcome> {
+        Box::pin(async move {
             // Held: nothing reaches the server while the hook deliberates.
             tokio::time::sleep(Duration::from_millis(300)).await;
-            let ok = req.text.contains("approve-me");
-            *self.last.lock().unwrap() = Some(req);
-            if ok {
+            if held.approval_id == "apv-1" {
                 ApprovalOutcome::Approved {
                     approval_id: "apv-1".into(),
                     approver: "lead@example.com".into(),
@@ -41,6 +56,10 @@ impl ApprovalHook for Approver {
                 }
             }
         })
+    }
+
+    fn cancel<'a>(&'a self, _: &'a Held, _: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
     }
 }
 
@@ -135,7 +154,7 @@ async fn the_approval_hook_holds_then_forwards_or_refuses() -> Result<()> {
         )),
         masking: Default::default(),
         oidc: None,
-        approvals: hook.clone(),
+        approvals: Some(hook.clone()),
     })
     .await?;
     assert!(edge.wait_synced(Duration::from_secs(10)).await);

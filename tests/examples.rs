@@ -55,6 +55,8 @@ fn every_example_policy_validates() {
         let v =
             custos_core::policy::validate(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         assert!(v.count > 0, "{}", p.display());
+        custos_core::authz::check_annotations(&v.set)
+            .unwrap_or_else(|e| panic!("{}: {e:?}", p.display()));
     }
 }
 

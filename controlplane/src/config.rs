@@ -16,6 +16,10 @@ pub struct ControlPlaneConfig {
     pub bus: BusConfig,
     pub siem: SiemConfig,
     pub tls: TlsConfig,
+    /// Post approval requests to Slack and take decisions from its buttons (docs/approvals.md).
+    pub slack: Option<crate::slack::SlackConfig>,
+    /// Generic signed outgoing webhooks for approval requests.
+    pub webhooks: Vec<crate::notify_task::WebhookConfig>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -233,6 +237,14 @@ impl ControlPlaneConfig {
         }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return bad("tls.cert", "tls.cert and tls.key must be set together");
+        }
+        if let Some(s) = &self.slack {
+            s.validate().or_else(|m| bad("slack", &m))?;
+        }
+        for w in &self.webhooks {
+            if !w.url.starts_with("https://") && !w.url.starts_with("http://") {
+                return bad("webhooks.url", "must be an http(s) URL");
+            }
         }
         Ok(())
     }

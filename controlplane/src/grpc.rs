@@ -30,6 +30,8 @@ type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub subject: String,
+    /// Groups from the caller's token (none for the bootstrap admin token).
+    pub groups: Vec<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -37,6 +39,8 @@ pub(crate) enum Need {
     Admin,
     Edge,
     Cluster,
+    /// List, watch and decide approvals: the `approver` (or `admin`) role.
+    Approver,
 }
 
 fn bearer<T>(req: &Request<T>) -> Option<String> {
@@ -57,6 +61,7 @@ impl Inner {
             {
                 return Ok(Caller {
                     subject: "cluster".into(),
+                    groups: vec![],
                 });
             }
             return Err(Status::unauthenticated(
@@ -66,6 +71,7 @@ impl Inner {
         if custos_core::token::hashes_equal(&h, &self.admin_token_hash) {
             return Ok(Caller {
                 subject: "admin".into(),
+                groups: vec![],
             });
         }
         let invalid = || {
@@ -79,16 +85,22 @@ impl Inner {
         {
             return Err(invalid());
         }
-        let ok = t.roles.iter().any(|r| r == "admin")
-            || (need == Need::Edge && t.roles.iter().any(|r| r == "edge"));
+        let role = match need {
+            Need::Edge => "edge",
+            Need::Approver => "approver",
+            _ => "admin",
+        };
+        let ok = t.roles.iter().any(|r| r == "admin" || r == role);
         if !ok {
             return Err(Status::permission_denied(format!(
-                "token of {} lacks the {} role for this call",
+                "token of {} lacks the {role} role for this call",
                 t.subject,
-                if need == Need::Edge { "edge" } else { "admin" }
             )));
         }
-        Ok(Caller { subject: t.subject })
+        Ok(Caller {
+            subject: t.subject,
+            groups: t.groups,
+        })
     }
 
     fn origin_event(&self, identity: &str, connection: &str, payload: Payload) -> Vec<u8> {
@@ -101,7 +113,7 @@ impl Inner {
         origin.event(payload).encode_to_vec()
     }
 
-    async fn commit(&self, cmd: Command) -> Result<Response, Status> {
+    pub(crate) async fn commit(&self, cmd: Command) -> Result<Response, Status> {
         self.write(cmd).await.map_err(|e| match e {
             WriteError::NoLeader | WriteError::Forward { .. } => Status::unavailable(e.to_string()),
             WriteError::Raft(_) => Status::internal(e.to_string()),
@@ -139,6 +151,7 @@ pub(crate) async fn serve(
                 .max_encoding_message_size(MAX_MESSAGE),
         )
         .add_service(pb::edge_sync_server::EdgeSyncServer::new(svc.clone()))
+        .add_service(pb::approvals_server::ApprovalsServer::new(svc.clone()))
         .add_service(pb::cluster_server::ClusterServer::new(svc.clone()))
         .add_service(
             raft_server::RaftServer::new(svc)
@@ -655,6 +668,8 @@ impl Inner {
                     .map(|c| self.edge_connection(c))
                     .collect(),
                 tokens: self.store.tokens().iter().map(token_record).collect(),
+                approvals: crate::approvals_svc::recent_approvals(&self.store),
+                grants: crate::approvals_svc::active_grants(&self.store),
             })),
         }
     }
@@ -730,6 +745,8 @@ impl EdgeSync for Svc {
                         Some(t) => pb::edge_change::Change::Token(token_record(&t)),
                         None => continue,
                     },
+                    StateChange::Approval(a) => pb::edge_change::Change::Approval(a),
+                    StateChange::Grant(g) => pb::edge_change::Change::Grant(g),
                 };
                 rev = r;
                 let msg = pb::EdgeSyncMessage {

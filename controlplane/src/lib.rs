@@ -16,12 +16,17 @@
 //! - `grpc`, `ingest`, `siem`: the services and the leader-only tasks.
 #![forbid(unsafe_code)]
 
+pub mod approvals;
+mod approvals_svc;
 pub mod config;
 mod grpc;
 mod ingest;
 pub mod network;
 pub mod node;
+pub mod notify;
+pub mod notify_task;
 mod siem;
+pub mod slack;
 pub mod store;
 pub mod tls;
 pub mod types;

@@ -62,6 +62,8 @@ pub enum StartError {
     Bus(#[from] custos_core::bus::BusError),
     #[error("raft: {0}")]
     Raft(String),
+    #[error("approval notifications: {0}")]
+    Notify(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -188,6 +190,46 @@ impl ControlPlane {
             inner.clone(),
             listener,
             server_tls,
+            shutdown_rx.clone(),
+        )));
+
+        tasks.push(tokio::spawn(crate::approvals_svc::sweep(
+            inner.clone(),
+            shutdown_rx.clone(),
+        )));
+        let mut notifiers: Vec<Arc<dyn crate::notify::Notifier>> = Vec::new();
+        if let Some(slack) = &config.slack {
+            let n = crate::slack::SlackNotifier::new(slack)
+                .map_err(|e| StartError::Notify(format!("[slack] {e}")))?;
+            notifiers.push(Arc::new(n));
+            if !slack.listen.is_empty() {
+                let tls = slack
+                    .server_tls()
+                    .map_err(|e| StartError::Notify(format!("[slack] {e}")))?;
+                let l = tokio::net::TcpListener::bind(&slack.listen)
+                    .await
+                    .map_err(|source| StartError::Listen {
+                        addr: slack.listen.clone(),
+                        source,
+                    })?;
+                tasks.push(tokio::spawn(crate::slack::serve_interactions(
+                    l,
+                    tls,
+                    Arc::new(slack.clone()),
+                    Arc::new(crate::notify_task::ControlPlaneSink(inner.clone())),
+                    shutdown_rx.clone(),
+                )));
+            }
+        }
+        for w in &config.webhooks {
+            let n = w
+                .notifier()
+                .map_err(|e| StartError::Notify(format!("[[webhooks]] {e}")))?;
+            notifiers.push(Arc::new(n));
+        }
+        tasks.push(tokio::spawn(crate::notify_task::run(
+            inner.clone(),
+            notifiers,
             shutdown_rx.clone(),
         )));
 

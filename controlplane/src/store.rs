@@ -11,6 +11,9 @@
 //!  policies        version (u64 BE)         PolicySet (protobuf)
 //!  connections     name                     bincode StoredConnection (credentials sealed)
 //!  tokens          token id                 bincode StoredToken (hash only)
+//!  approvals       approval id (UUIDv7)     Approval (protobuf)
+//!  approvals_open  approval id              expires_unix_nano (i64 BE) — pending ones only
+//!  grants          grant id                 Grant (protobuf)
 //!  snapshot        "current"                bincode StoredSnapshot
 //! ```
 //!
@@ -28,7 +31,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use custos_core::audit::{next_record, ChainVerifier, GENESIS_HASH};
-use custos_proto::v1::{AuditRecord, Event, PolicySet};
+use custos_proto::v1::{event::Payload, Approval, AuditRecord, Event, Grant, PolicySet};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
     AnyError, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogReader,
@@ -42,6 +45,7 @@ use rocksdb::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+use crate::approvals;
 use crate::types::{
     Command, IngestItem, Node, NodeId, Response, StoredConnection, StoredToken, TypeConfig,
 };
@@ -58,6 +62,9 @@ const CF_POLICIES: &str = "policies";
 const CF_CONNECTIONS: &str = "connections";
 const CF_TOKENS: &str = "tokens";
 const CF_SNAPSHOT: &str = "snapshot";
+const CF_APPROVALS: &str = "approvals";
+const CF_APPROVALS_OPEN: &str = "approvals_open";
+const CF_GRANTS: &str = "grants";
 
 /// The column families whose contents make up the state machine (and so a snapshot).
 const SM_CFS: &[&str] = &[
@@ -68,6 +75,9 @@ const SM_CFS: &[&str] = &[
     CF_POLICIES,
     CF_CONNECTIONS,
     CF_TOKENS,
+    CF_APPROVALS,
+    CF_APPROVALS_OPEN,
+    CF_GRANTS,
 ];
 
 const K_APPLIED: &[u8] = b"applied";
@@ -111,6 +121,8 @@ pub enum StateChange {
     ConnectionUpserted(String),
     ConnectionDeleted(String),
     Token(String),
+    Approval(Approval),
+    Grant(Grant),
     Resync,
 }
 
@@ -304,6 +316,62 @@ impl Store {
             .iterator_cf(self.cf(CF_TOKENS), IteratorMode::Start)
             .filter_map(|i| i.ok())
             .filter_map(|(_, v)| bincode::deserialize(&v).ok())
+            .collect()
+    }
+
+    pub fn approval(&self, id: &str) -> Option<Approval> {
+        let v = self
+            .db
+            .get_cf(self.cf(CF_APPROVALS), id.as_bytes())
+            .ok()
+            .flatten()?;
+        Approval::decode(&*v).ok()
+    }
+
+    /// Approval requests, newest first, optionally only in one state.
+    pub fn approvals(&self, state: Option<&str>, limit: usize) -> Vec<Approval> {
+        if state == Some(crate::approvals::PENDING) {
+            let mut v: Vec<Approval> = self
+                .open_approvals()
+                .into_iter()
+                .filter_map(|(id, _)| self.approval(&id))
+                .collect();
+            v.reverse();
+            v.truncate(limit);
+            return v;
+        }
+        self.db
+            .iterator_cf(self.cf(CF_APPROVALS), IteratorMode::End)
+            .filter_map(|i| i.ok())
+            .filter_map(|(_, v)| Approval::decode(&*v).ok())
+            .filter(|a| state.is_none_or(|s| a.state == s))
+            .take(limit)
+            .collect()
+    }
+
+    /// Pending approvals with their deadlines, oldest first.
+    pub fn open_approvals(&self) -> Vec<(String, i64)> {
+        self.db
+            .iterator_cf(self.cf(CF_APPROVALS_OPEN), IteratorMode::Start)
+            .filter_map(|i| i.ok())
+            .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), from_be(&v) as i64))
+            .collect()
+    }
+
+    pub fn grant(&self, id: &str) -> Option<Grant> {
+        let v = self
+            .db
+            .get_cf(self.cf(CF_GRANTS), id.as_bytes())
+            .ok()
+            .flatten()?;
+        Grant::decode(&*v).ok()
+    }
+
+    pub fn grants(&self) -> Vec<Grant> {
+        self.db
+            .iterator_cf(self.cf(CF_GRANTS), IteratorMode::Start)
+            .filter_map(|i| i.ok())
+            .filter_map(|(_, v)| Grant::decode(&*v).ok())
             .collect()
     }
 
@@ -699,7 +767,210 @@ impl StateMachine {
                     .push((cur.revision, StateChange::Token(token_id)));
                 Response::Revision(cur.revision)
             }
+            Command::CreateApproval { approval, event_id } => {
+                let Ok(a) = Approval::decode(&*approval) else {
+                    return Response::Refused("undecodable approval request".into());
+                };
+                if self.store.approval(&a.id).is_some() {
+                    return Response::Refused(format!("approval {} already exists", a.id));
+                }
+                let ev = approvals::event(
+                    &event_id,
+                    a.created_unix_nano,
+                    &a.edge_id,
+                    &a,
+                    &a.identity,
+                    approvals::requested_payload(&a),
+                );
+                self.put_approval(wb, cur, pending, &a);
+                self.append_own_event(wb, cur, pending, a.created_unix_nano, &ev.encode_to_vec());
+                Response::Approval(a.encode_to_vec())
+            }
+            Command::DecideApproval {
+                id,
+                approver,
+                approver_groups,
+                approve,
+                comment,
+                grant_seconds,
+                now_unix_nano,
+                event_id,
+                grant_id,
+            } => {
+                let Some(mut a) = self.store.approval(&id) else {
+                    return Response::Refused(approvals::Refusal::Unknown(id).to_string());
+                };
+                let v = approvals::Vote {
+                    approver: &approver,
+                    groups: &approver_groups,
+                    approve,
+                    comment: &comment,
+                    grant_seconds,
+                    now: now_unix_nano,
+                };
+                let grant = match approvals::vote(&mut a, &v, &grant_id) {
+                    Err(r) => return Response::Refused(r.to_string()),
+                    Ok(approvals::Transition::Approved { grant }) => grant.map(|g| *g),
+                    Ok(_) => None,
+                };
+                // The grant first: an edge that sees the approval also finds its grant.
+                if let Some(g) = &grant {
+                    self.put_grant(wb, cur, pending, g);
+                }
+                self.put_approval(wb, cur, pending, &a);
+                let ev = approvals::event(
+                    &event_id,
+                    now_unix_nano,
+                    approvals::SOURCE,
+                    &a,
+                    &approver,
+                    approvals::decided_payload(&a, &approver, grant.as_ref()),
+                );
+                self.append_own_event(wb, cur, pending, now_unix_nano, &ev.encode_to_vec());
+                Response::Approval(a.encode_to_vec())
+            }
+            Command::CloseApproval {
+                id,
+                state,
+                reason,
+                now_unix_nano,
+                event_id,
+            } => {
+                let Some(mut a) = self.store.approval(&id) else {
+                    return Response::Refused(approvals::Refusal::Unknown(id).to_string());
+                };
+                if state != approvals::EXPIRED && state != approvals::CANCELLED {
+                    return Response::Refused(format!("cannot close an approval as {state:?}"));
+                }
+                if !approvals::close(&mut a, &state, &reason, now_unix_nano) {
+                    return Response::Approval(a.encode_to_vec());
+                }
+                self.put_approval(wb, cur, pending, &a);
+                let ev = approvals::event(
+                    &event_id,
+                    now_unix_nano,
+                    if state == approvals::CANCELLED {
+                        &a.edge_id
+                    } else {
+                        approvals::SOURCE
+                    },
+                    &a,
+                    "",
+                    approvals::decided_payload(&a, "", None),
+                );
+                self.append_own_event(wb, cur, pending, now_unix_nano, &ev.encode_to_vec());
+                Response::Approval(a.encode_to_vec())
+            }
+            Command::UseGrant {
+                grant_id,
+                identity,
+                connection,
+                text_sha256,
+                command_id,
+                now_unix_nano,
+                event_id,
+                edge_id,
+                session_id,
+            } => {
+                let Some(mut g) = self.store.grant(&grant_id) else {
+                    return Response::Refused(format!("no grant with id {grant_id}"));
+                };
+                if let Err(r) = approvals::use_one_shot(
+                    &mut g,
+                    &identity,
+                    &connection,
+                    &text_sha256,
+                    now_unix_nano,
+                ) {
+                    return Response::Refused(r.to_string());
+                }
+                self.put_grant(wb, cur, pending, &g);
+                let ev = Event {
+                    id: event_id,
+                    time_unix_nano: now_unix_nano,
+                    edge_id,
+                    session_id,
+                    identity,
+                    connection,
+                    payload: Some(Payload::GrantUsed(custos_proto::v1::GrantUsed {
+                        grant_id: g.id.clone(),
+                        approval_id: g.approval_id.clone(),
+                        kind: g.kind.clone(),
+                        command_id,
+                        action: g.actions.join(","),
+                    })),
+                };
+                self.append_own_event(wb, cur, pending, now_unix_nano, &ev.encode_to_vec());
+                Response::Grant(g.encode_to_vec())
+            }
+            Command::RevokeGrant {
+                grant_id,
+                by,
+                now_unix_nano,
+                event_id,
+            } => {
+                let Some(mut g) = self.store.grant(&grant_id) else {
+                    return Response::Refused(format!("no grant with id {grant_id}"));
+                };
+                if g.revoked {
+                    return Response::Grant(g.encode_to_vec());
+                }
+                g.revoked = true;
+                g.revoked_by = by.clone();
+                self.put_grant(wb, cur, pending, &g);
+                let ev = Event {
+                    id: event_id,
+                    time_unix_nano: now_unix_nano,
+                    edge_id: approvals::SOURCE.into(),
+                    session_id: String::new(),
+                    identity: by.clone(),
+                    connection: g.connection.clone(),
+                    payload: Some(Payload::GrantRevoked(custos_proto::v1::GrantRevoked {
+                        grant_id: g.id.clone(),
+                        approval_id: g.approval_id.clone(),
+                        revoked_by: by,
+                    })),
+                };
+                self.append_own_event(wb, cur, pending, now_unix_nano, &ev.encode_to_vec());
+                Response::Grant(g.encode_to_vec())
+            }
         }
+    }
+
+    /// Store an approval (keeping the open index in step) and tell the edges.
+    fn put_approval(
+        &self,
+        wb: &mut WriteBatch,
+        cur: &mut Cursor_,
+        pending: &mut Pending,
+        a: &Approval,
+    ) {
+        wb.put_cf(
+            self.store.cf(CF_APPROVALS),
+            a.id.as_bytes(),
+            a.encode_to_vec(),
+        );
+        if a.state == approvals::PENDING {
+            wb.put_cf(
+                self.store.cf(CF_APPROVALS_OPEN),
+                a.id.as_bytes(),
+                be(a.expires_unix_nano as u64),
+            );
+        } else {
+            wb.delete_cf(self.store.cf(CF_APPROVALS_OPEN), a.id.as_bytes());
+        }
+        cur.revision += 1;
+        pending
+            .changes
+            .push((cur.revision, StateChange::Approval(a.clone())));
+    }
+
+    fn put_grant(&self, wb: &mut WriteBatch, cur: &mut Cursor_, pending: &mut Pending, g: &Grant) {
+        wb.put_cf(self.store.cf(CF_GRANTS), g.id.as_bytes(), g.encode_to_vec());
+        cur.revision += 1;
+        pending
+            .changes
+            .push((cur.revision, StateChange::Grant(g.clone())));
     }
 
     fn snapshot_data(&self) -> StorageResult<Vec<u8>> {

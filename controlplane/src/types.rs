@@ -93,6 +93,51 @@ pub enum Command {
     RevokeToken {
         token_id: String,
     },
+    /// Open an approval request (`approval` is an encoded `custos.v1.Approval` in state pending).
+    CreateApproval {
+        approval: Vec<u8>,
+        event_id: String,
+    },
+    /// One approver's vote. Whether it counts (group, self-approval, state, deadline) is decided
+    /// when applied, from the data carried here, so every node decides the same way.
+    DecideApproval {
+        id: String,
+        approver: String,
+        approver_groups: Vec<String>,
+        approve: bool,
+        comment: String,
+        grant_seconds: u64,
+        now_unix_nano: i64,
+        event_id: String,
+        /// Id for the grant the vote creates if it completes the quorum.
+        grant_id: String,
+    },
+    /// Close a pending request as `expired` (the deadline passed) or `cancelled` (the client left).
+    CloseApproval {
+        id: String,
+        state: String,
+        reason: String,
+        now_unix_nano: i64,
+        event_id: String,
+    },
+    /// Consume a one-shot grant (the retry of a command approved while its client was away).
+    UseGrant {
+        grant_id: String,
+        identity: String,
+        connection: String,
+        text_sha256: String,
+        command_id: String,
+        now_unix_nano: i64,
+        event_id: String,
+        edge_id: String,
+        session_id: String,
+    },
+    RevokeGrant {
+        grant_id: String,
+        by: String,
+        now_unix_nano: i64,
+        event_id: String,
+    },
 }
 
 /// What applying a command produced.
@@ -113,4 +158,10 @@ pub enum Response {
     },
     Revision(u64),
     NotFound,
+    /// An encoded `custos.v1.Approval` after the command.
+    Approval(Vec<u8>),
+    /// An encoded `custos.v1.Grant` after the command.
+    Grant(Vec<u8>),
+    /// The command was refused; the text says why and what to do.
+    Refused(String),
 }

@@ -233,6 +233,8 @@ fn ocsf_class(event: &Event) -> (u32, &'static str, u32, &'static str, u32) {
             _ => (3004, "Entity Management", 3, "Update", 1),
         },
         Some(Payload::TokenIssued(_)) => (3004, "Entity Management", 1, "Create", 1),
+        Some(Payload::GrantUsed(_)) => (3003, "Authorize Session", 1, "Assign Privileges", 1),
+        Some(Payload::GrantRevoked(_)) => (3004, "Entity Management", 4, "Delete", 1),
         None => (0, "Base Event", 0, "Unknown", 0),
     }
 }

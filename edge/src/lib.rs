@@ -10,9 +10,11 @@
 //!
 //! - [`watch`]: follows the control plane; keeps the last good configuration when it is away.
 //! - [`pipeline`]: the protocol-independent steps every listener shares.
+//! - [`approvals`]: the hold-for-approval step, through the control plane.
 //! - [`pg`]: the PostgreSQL listener and relay.
 //! - [`config`]: `custos edge --config FILE`.
 
+pub mod approvals;
 pub mod config;
 pub mod pg;
 pub mod pipeline;
@@ -47,7 +49,8 @@ pub struct EdgeSetup {
     pub postgres: Option<(String, pg::PgOptions)>,
     pub masking: MaskConfig,
     pub oidc: Option<OidcConfig>,
-    pub approvals: Arc<dyn ApprovalHook>,
+    /// The hold-for-approval step; `None` uses the control plane's Approvals service.
+    pub approvals: Option<Arc<dyn ApprovalHook>>,
 }
 
 /// A running edge.
@@ -76,13 +79,19 @@ impl Edge {
         };
         let (shutdown, shutdown_rx) = tokio_watch::channel(false);
         let (cfg_tx, cfg_rx) = tokio_watch::channel(Arc::new(watch::EdgeConfig::default()));
+        let approvals = setup.approvals.unwrap_or_else(|| {
+            Arc::new(approvals::ControlPlaneApprovals::new(
+                setup.watch.clone(),
+                cfg_rx.clone(),
+            ))
+        });
         tokio::spawn(watch::run(setup.watch, cfg_tx, shutdown_rx.clone()));
         let services = Services {
             edge_id: setup.id.clone(),
             config: cfg_rx.clone(),
             policies: Arc::new(Policies::default()),
             auth: Authenticator { oidc },
-            approvals: setup.approvals,
+            approvals,
             recorder: Recorder::new(setup.bus, shutdown_rx.clone()),
             masker,
         };

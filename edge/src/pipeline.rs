@@ -283,12 +283,44 @@ impl Policies {
 #[derive(Debug, Clone)]
 pub struct ApprovalRequest {
     pub origin: Origin,
+    pub groups: Vec<String>,
     pub command_id: String,
     /// The command text, masked.
     pub text: String,
+    pub classifications: Vec<Classification>,
     pub action: String,
     pub policies: Vec<String>,
     pub requirement: ApprovalRequirement,
+    /// The requester's reason (`/* reason: … */` in SQL); empty when none was given.
+    pub reason: String,
+    /// The connection refuses at once instead of holding (`approval_wait = refuse`): the request
+    /// stays open and the client's retry runs once it is approved.
+    pub refuse_now: bool,
+}
+
+/// A request the approvals service opened; the command waits on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub approval_id: String,
+    pub approver_group: String,
+    pub quorum: u32,
+    pub expires_unix_nano: i64,
+}
+
+impl Held {
+    /// The notice a client sees while its command waits: the id, who must approve, the command
+    /// an approver runs, and the deadline.
+    pub fn notice(&self, action: &str, connection: &str) -> String {
+        let deadline = chrono::DateTime::from_timestamp_nanos(self.expires_unix_nano)
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        format!(
+            "custos: {action} on {connection} is waiting for approval {id}: {q} approval{s} from group {g} needed before {deadline}; an approver runs `custos approvals approve {id}`",
+            id = self.approval_id,
+            q = self.quorum,
+            s = if self.quorum == 1 { "" } else { "s" },
+            g = self.approver_group,
+        )
+    }
 }
 
 /// How a hold ended.
@@ -298,6 +330,14 @@ pub enum ApprovalOutcome {
         approval_id: String,
         approver: String,
     },
+    /// A grant let the command through without asking. `record`: the edge must record the use
+    /// (time-boxed grants; a one-shot use is recorded by the control plane when consumed).
+    Granted {
+        grant_id: String,
+        approval_id: String,
+        kind: String,
+        record: bool,
+    },
     Refused {
         approval_id: String,
         /// Shown to the client: who refused, or that it timed out, and what to do next.
@@ -305,19 +345,31 @@ pub enum ApprovalOutcome {
     },
 }
 
+/// The first step of a hold: decided at once, or waiting on a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HoldStart {
+    Done(ApprovalOutcome),
+    Held(Held),
+}
+
 /// The "hold for approval" step. The approvals service implements it; the edge awaits the
 /// outcome before forwarding. It must fail closed: no decision means `Refused`.
 pub trait ApprovalHook: Send + Sync + 'static {
-    fn hold(&self, req: ApprovalRequest) -> BoxFuture<'_, ApprovalOutcome>;
+    /// Use a grant that covers the command, or open a request.
+    fn start<'a>(&'a self, req: &'a ApprovalRequest) -> BoxFuture<'a, HoldStart>;
+    /// Wait for the decision. Must return by the request's deadline (plus a little slack).
+    fn wait<'a>(&'a self, held: &'a Held) -> BoxFuture<'a, ApprovalOutcome>;
+    /// The client went away while its command was held.
+    fn cancel<'a>(&'a self, held: &'a Held, reason: &'a str) -> BoxFuture<'a, ()>;
 }
 
-/// The hook used until an approval service is configured: refuses, naming what was needed.
+/// The hook used when no approval service is configured: refuses, naming what was needed.
 pub struct NoApprovals;
 
 impl ApprovalHook for NoApprovals {
-    fn hold(&self, req: ApprovalRequest) -> BoxFuture<'_, ApprovalOutcome> {
+    fn start<'a>(&'a self, req: &'a ApprovalRequest) -> BoxFuture<'a, HoldStart> {
         Box::pin(async move {
-            ApprovalOutcome::Refused {
+            HoldStart::Done(ApprovalOutcome::Refused {
                 approval_id: String::new(),
                 reason: format!(
                     "{} needs approval by group {} (policy {}), and this edge has no approval service configured",
@@ -325,9 +377,49 @@ impl ApprovalHook for NoApprovals {
                     req.requirement.group,
                     req.policies.join(", ")
                 ),
+            })
+        })
+    }
+
+    fn wait<'a>(&'a self, held: &'a Held) -> BoxFuture<'a, ApprovalOutcome> {
+        Box::pin(async move {
+            ApprovalOutcome::Refused {
+                approval_id: held.approval_id.clone(),
+                reason: "this edge has no approval service configured".into(),
             }
         })
     }
+
+    fn cancel<'a>(&'a self, _: &'a Held, _: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
+}
+
+/// The requester's reason, from a `/* reason: … */` or `-- reason: …` comment in the text.
+pub fn sql_reason(text: &str) -> String {
+    let lower = text.to_ascii_lowercase();
+    let Some(at) = lower.find("reason:") else {
+        return String::new();
+    };
+    // Only inside a comment that starts before it.
+    let before = &lower[..at];
+    let in_block = before
+        .rfind("/*")
+        .is_some_and(|o| before[o..].find("*/").is_none());
+    let in_line = before
+        .rfind("--")
+        .is_some_and(|o| !before[o..].contains('\n'));
+    if !in_block && !in_line {
+        return String::new();
+    }
+    let rest = &text[at + "reason:".len()..];
+    let end = rest
+        .find("*/")
+        .into_iter()
+        .chain(rest.find('\n'))
+        .min()
+        .unwrap_or(rest.len());
+    rest[..end].trim().chars().take(512).collect()
 }
 
 // ===== record ==================================================================================

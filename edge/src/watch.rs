@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use custos_proto::v1::{
-    edge_change::Change, edge_sync_client::EdgeSyncClient, edge_sync_message::Body, Connection,
-    PolicySet, TokenRecord, WatchRequest,
+    edge_change::Change, edge_sync_client::EdgeSyncClient, edge_sync_message::Body, Approval,
+    Connection, Grant, PolicySet, TokenRecord, WatchRequest,
 };
 use tokio::sync::watch;
 
@@ -19,7 +19,15 @@ pub struct EdgeConfig {
     pub policy: Option<PolicySet>,
     pub connections: BTreeMap<String, Connection>,
     pub tokens: BTreeMap<String, TokenRecord>,
+    /// Approval requests that are pending or were decided recently (a held command waits for
+    /// its request to change state here).
+    pub approvals: BTreeMap<String, Approval>,
+    /// Grants in force.
+    pub grants: BTreeMap<String, Grant>,
 }
+
+/// How long a decided request is kept, so a late waiter still sees the outcome.
+const KEEP_DECIDED: i64 = 10 * 60 * 1_000_000_000;
 
 impl EdgeConfig {
     /// Apply one message of the stream, returning the new config.
@@ -39,6 +47,8 @@ impl EdgeConfig {
                     .into_iter()
                     .map(|t| (t.token_id.clone(), t))
                     .collect(),
+                approvals: s.approvals.into_iter().map(|a| (a.id.clone(), a)).collect(),
+                grants: s.grants.into_iter().map(|g| (g.id.clone(), g)).collect(),
             },
             Some(Body::Change(c)) => {
                 let mut next = self.clone();
@@ -52,6 +62,18 @@ impl EdgeConfig {
                     }
                     Some(Change::Token(t)) => {
                         next.tokens.insert(t.token_id.clone(), t);
+                    }
+                    Some(Change::Approval(a)) => {
+                        let now = custos_core::events::now_unix_nano();
+                        next.approvals.retain(|_, a| {
+                            a.state == "pending" || a.decided_unix_nano > now - KEEP_DECIDED
+                        });
+                        next.approvals.insert(a.id.clone(), a);
+                    }
+                    Some(Change::Grant(g)) => {
+                        let now = custos_core::events::now_unix_nano();
+                        next.grants.retain(|_, g| g.expires_unix_nano > now);
+                        next.grants.insert(g.id.clone(), g);
                     }
                     None => {}
                 }
@@ -76,7 +98,7 @@ pub struct WatchOptions {
     pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
-fn url(s: &str, tls: bool) -> String {
+pub(crate) fn server_url(s: &str, tls: bool) -> String {
     if s.contains("://") {
         s.to_string()
     } else if tls {
@@ -99,7 +121,7 @@ pub async fn run(
         if *shutdown.borrow() || opts.servers.is_empty() {
             return;
         }
-        let server = url(&opts.servers[i % opts.servers.len()], opts.tls.is_some());
+        let server = server_url(&opts.servers[i % opts.servers.len()], opts.tls.is_some());
         i += 1;
         let res = tokio::select! {
             _ = shutdown.changed() => return,
@@ -178,6 +200,7 @@ mod tests {
                     ..Default::default()
                 }],
                 tokens: vec![],
+                ..Default::default()
             })),
         });
         assert!(c.synced && c.revision == 3 && c.connections.contains_key("a"));

@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod approvals_bench;
 mod mask_bench;
 mod pg_bench;
 
@@ -37,6 +38,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Decision-to-execution latency of held statements (scripts/bench-approvals.sh sets it up).
+    Approvals {
+        #[command(flatten)]
+        opts: approvals_bench::Opts,
+        /// Append the table to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Events/s committed and publish-to-commit latency through NATS and the Raft control plane.
     Ingest {
         /// Control-plane nodes to start (1 or 3).
@@ -322,6 +331,19 @@ async fn main() -> Result<()> {
                     .create(true)
                     .append(true)
                     .open(md)?;
+                writeln!(f, "{table}")?;
+            }
+            Ok(())
+        }
+        Cmd::Approvals { opts, out } => {
+            let table = approvals_bench::run(&opts).await?;
+            println!("{table}");
+            if let Some(out) = out {
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&out)
+                    .with_context(|| format!("open {}", out.display()))?;
                 writeln!(f, "{table}")?;
             }
             Ok(())

@@ -26,6 +26,8 @@ pub fn payload_kind(payload: Option<&Payload>) -> &'static str {
         Some(Payload::PolicyApplied(_)) => "policy_applied",
         Some(Payload::ConnectionChanged(_)) => "connection_changed",
         Some(Payload::TokenIssued(_)) => "token_issued",
+        Some(Payload::GrantUsed(_)) => "grant_used",
+        Some(Payload::GrantRevoked(_)) => "grant_revoked",
         None => "unknown",
     }
 }

@@ -274,6 +274,30 @@ impl EdgeEnv {
         )
     }
 
+    /// psql through the edge, started in the background (its output is captured).
+    pub fn psql_spawn(&self, token: &str, user: &str, sql: &str) -> Background {
+        Background::spawn(
+            Command::new("psql")
+                .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+                .arg(self.conninfo(user, "require"))
+                .args(["-c", sql])
+                .env("PGPASSWORD", token)
+                .env("PGCONNECT_TIMEOUT", "10")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        )
+    }
+
+    /// Run a custos CLI command with another token.
+    pub fn cli_as(&self, token: &str, args: &[&str]) -> Output {
+        Command::new(custos_bin())
+            .args(args)
+            .env("CUSTOS_SERVER", &self.server)
+            .env("CUSTOS_TOKEN", token)
+            .output()
+            .expect("run custos")
+    }
+
     /// A tokio-postgres client through the edge (plain TCP; the env allows it).
     pub async fn client(&self, token: &str, user: &str) -> Result<tokio_postgres::Client> {
         let (client, conn) = tokio_postgres::connect(
@@ -314,5 +338,53 @@ impl Drop for EdgeEnv {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// A client process running in the background; killed if the test ends before it does.
+pub struct Background(Option<Child>);
+
+impl Background {
+    pub fn spawn(cmd: &mut Command) -> Background {
+        Background(Some(cmd.spawn().expect("spawn")))
+    }
+
+    /// Still running?
+    pub fn running(&mut self) -> bool {
+        matches!(self.0.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Wait for it to end: (exit code, stdout, stderr). Killed after `within`.
+    pub fn finish(mut self, within: Duration) -> Result<(i32, String, String)> {
+        let t0 = std::time::Instant::now();
+        while self.running() {
+            if t0.elapsed() > within {
+                self.kill();
+                bail!("the process did not finish within {within:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let Some(c) = self.0.take() else {
+            bail!("the process was killed");
+        };
+        let o = c.wait_with_output()?;
+        Ok((
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        ))
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

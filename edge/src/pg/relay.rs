@@ -22,17 +22,18 @@ use custos_core::classify::{classify_with, ClassifyOptions, Statement};
 use custos_core::events::{new_id, Origin};
 use custos_core::mask::{Masked, Scope, Stats, StreamMasker};
 use custos_core::proto::v1::{
-    event::Payload, Classification, CommandCompleted, Connection, Verdict as PbVerdict,
+    event::Payload, Classification, CommandCompleted, Connection, GrantUsed, Verdict as PbVerdict,
 };
 use parking_lot::Mutex;
 use tokio::io::{ReadHalf, WriteHalf};
+use tokio::sync::mpsc;
 
 use super::catalog::Catalog;
 use super::upstream::{BoxIo, Target, Upstream};
 use super::wire::{self, Body, Reader, WireError, Writer};
 use crate::pipeline::{
-    command_received, option_usize, ActionRequest, ApprovalOutcome, ApprovalRequest, AuditMode,
-    Identity, Outcome as Decided, Services, Verdict,
+    command_received, option_usize, sql_reason, ActionRequest, ApprovalOutcome, ApprovalRequest,
+    AuditMode, HoldStart, Identity, Outcome as Decided, Services, Verdict,
 };
 
 /// Messages larger than this are streamed through when nothing needs to look inside them.
@@ -212,7 +213,9 @@ impl Relay<'_> {
         let audit = masker.audit_scope();
         let rows_cap = option_usize(&self.conn, "audit_rows", 100);
         let bytes_cap = option_usize(&self.conn, "audit_bytes", 64 * 1024);
+        let (notices_tx, notices) = mpsc::unbounded_channel();
         let mut c2u = ClientHalf {
+            notices: notices_tx,
             r: &self,
             shared: &shared,
             reader: creader,
@@ -229,6 +232,7 @@ impl Relay<'_> {
             shared: &shared,
             reader: ureader,
             client: cwriter,
+            notices,
             cur: None,
             scope,
             audit,
@@ -313,6 +317,8 @@ struct ClientHalf<'s, 'a> {
     audit: Scope<'s>,
     rows_cap: usize,
     bytes_cap: usize,
+    /// NoticeResponse bodies for the server half to send to the client between messages.
+    notices: mpsc::UnboundedSender<Bytes>,
 }
 
 impl ClientHalf<'_, '_> {
@@ -437,12 +443,12 @@ impl ClientHalf<'_, '_> {
         stmts: &[Statement],
         mut verdict: Verdict,
         parameters: Vec<String>,
-    ) -> (Box<Cmd>, Option<Bytes>) {
+    ) -> Result<(Box<Cmd>, Option<Bytes>), WireError> {
         let r = self.r;
         let id = new_id();
         let mut scratch = Stats::default();
         let masked_text = self.audit.mask_text(text, &mut scratch).into_owned();
-        let classifications = stmts
+        let classifications: Vec<Classification> = stmts
             .iter()
             .enumerate()
             .map(|(i, s)| Classification {
@@ -457,23 +463,82 @@ impl ClientHalf<'_, '_> {
         let mut approval_id = String::new();
         let mut approved = false;
         if let Decided::Approval(req) = &verdict.outcome {
-            let out = r
-                .services
-                .approvals
-                .hold(ApprovalRequest {
-                    origin: r.origin.clone(),
-                    command_id: id.clone(),
-                    text: masked_text.clone(),
-                    action: verdict.action.clone(),
-                    policies: verdict.policies.clone(),
-                    requirement: req.clone(),
-                })
-                .await;
+            let refuse_now = r
+                .conn
+                .options
+                .get("approval_wait")
+                .is_some_and(|v| v == "refuse");
+            let areq = ApprovalRequest {
+                origin: r.origin.clone(),
+                groups: r.who.groups.clone(),
+                command_id: id.clone(),
+                text: masked_text.clone(),
+                classifications: classifications.clone(),
+                action: verdict.action.clone(),
+                policies: verdict.policies.clone(),
+                requirement: req.clone(),
+                reason: sql_reason(text),
+                refuse_now,
+            };
+            let hook = &r.services.approvals;
+            let out = match hook.start(&areq).await {
+                HoldStart::Done(o) => o,
+                HoldStart::Held(held) => {
+                    let notice = held.notice(&verdict.action, &r.conn.name);
+                    let body = wire::error_body("NOTICE", "01000", &notice, None, None).freeze();
+                    let _ = self.notices.send(body);
+                    if refuse_now {
+                        ApprovalOutcome::Refused {
+                            reason: format!(
+                                "{} needs approval {} and connection {} does not wait (approval_wait=refuse); run the same command again once it is approved",
+                                verdict.action, held.approval_id, r.conn.name
+                            ),
+                            approval_id: held.approval_id.clone(),
+                        }
+                    } else {
+                        // What the client sent before the held command goes on meanwhile.
+                        self.up.flush().await?;
+                        let wait = hook.wait(&held);
+                        tokio::pin!(wait);
+                        loop {
+                            tokio::select! {
+                                o = &mut wait => break o,
+                                gone = self.reader.readable(MAX_BUFFERED) => if gone.is_err() {
+                                    hook.cancel(&held, "the client disconnected while waiting").await;
+                                    return Err(WireError::Closed);
+                                }
+                            }
+                        }
+                    }
+                }
+            };
             match out {
                 ApprovalOutcome::Approved { approval_id: a, .. } => {
                     approved = true;
                     approval_id = a;
                     verdict.outcome = Decided::Allow;
+                }
+                ApprovalOutcome::Granted {
+                    grant_id,
+                    approval_id: a,
+                    kind,
+                    record,
+                } => {
+                    approved = true;
+                    verdict.outcome = Decided::Allow;
+                    if record {
+                        let used = r.origin.event(Payload::GrantUsed(GrantUsed {
+                            grant_id,
+                            approval_id: a.clone(),
+                            kind,
+                            command_id: id.clone(),
+                            action: verdict.action.clone(),
+                        }));
+                        if let Err(e) = r.services.recorder.record(r.mode, used).await {
+                            tracing::warn!(error = %e, "could not record a grant use");
+                        }
+                    }
+                    approval_id = a;
                 }
                 ApprovalOutcome::Refused {
                     approval_id: a,
@@ -538,7 +603,7 @@ impl ClientHalf<'_, '_> {
                 s.denied += 1;
             }
         }
-        (self.cmd(id), deny)
+        Ok((self.cmd(id), deny))
     }
 
     async fn query(&mut self, body: Bytes) -> Result<(), WireError> {
@@ -550,7 +615,7 @@ impl ClientHalf<'_, '_> {
             return Ok(());
         }
         let verdict = self.r.decide(&stmts);
-        let (cmd, deny) = self.gate(&text, &stmts, verdict, Vec::new()).await;
+        let (cmd, deny) = self.gate(&text, &stmts, verdict, Vec::new()).await?;
         if deny.is_some() {
             self.push(Kind::Query, Some(cmd), deny);
             self.up.msg(b'Q', POISON_SQL);
@@ -577,7 +642,7 @@ impl ClientHalf<'_, '_> {
             let verdict = self.r.decide(&stmts);
             if verdict.outcome == Decided::Deny {
                 // Judged at Parse: refuse now, and record it.
-                let (cmd, deny) = self.gate(&text, &stmts, verdict, Vec::new()).await;
+                let (cmd, deny) = self.gate(&text, &stmts, verdict, Vec::new()).await?;
                 self.statements.remove(&name);
                 self.push(Kind::Parse, Some(cmd), deny);
                 let mut m = BytesMut::new();
@@ -714,7 +779,7 @@ impl ClientHalf<'_, '_> {
             .as_ref()
             .map(|p| p.params.clone())
             .unwrap_or_default();
-        let (cmd, deny) = self.gate(&stmt.text, &stmt.stmts, verdict, params).await;
+        let (cmd, deny) = self.gate(&stmt.text, &stmt.stmts, verdict, params).await?;
         if deny.is_some() {
             self.push(Kind::Execute { portal }, Some(cmd), deny);
             let mut m = BytesMut::new();
@@ -750,6 +815,8 @@ struct ServerHalf<'s, 'a> {
     shared: &'s Mutex<Shared>,
     reader: UpReader,
     client: ClientWriter,
+    /// Notices from the client half (a command waiting for approval), sent between messages.
+    notices: mpsc::UnboundedReceiver<Bytes>,
     cur: Option<Step>,
     scope: Scope<'s>,
     audit: Scope<'s>,
@@ -832,7 +899,15 @@ impl ServerHalf<'_, '_> {
             if self.reader.buffered() == 0 {
                 self.client.flush().await?;
             }
-            let h = self.reader.header().await?;
+            let h = tokio::select! {
+                biased;
+                Some(n) = self.notices.recv() => {
+                    self.client.msg(b'N', &n);
+                    self.client.flush().await?;
+                    continue;
+                }
+                h = self.reader.header() => h?,
+            };
             if h.len > STREAM_ABOVE && self.streamable(h.tag) {
                 self.stream(h).await?;
                 continue;

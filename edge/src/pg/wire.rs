@@ -72,6 +72,19 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         Ok(())
     }
 
+    /// Wait for more bytes from the peer without handing any out: `Err(Closed)` when it hung
+    /// up. Once `cap` bytes are buffered it waits for ever (the caller stops reading). Cancel-safe.
+    pub async fn readable(&mut self, cap: usize) -> Result<(), WireError> {
+        if self.buf.len() >= cap {
+            return std::future::pending().await;
+        }
+        self.buf.reserve(8192);
+        if self.io.read_buf(&mut self.buf).await? == 0 {
+            return Err(WireError::Closed);
+        }
+        Ok(())
+    }
+
     /// Read the next header. Cancel-safe: bytes read so far stay buffered.
     pub async fn header(&mut self) -> Result<Header, WireError> {
         self.fill(5).await?;
