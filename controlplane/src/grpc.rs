@@ -113,6 +113,14 @@ impl Inner {
         origin.event(payload).encode_to_vec()
     }
 
+    /// Wait (up to 5 s) until this node's state machine reached `revision`.
+    pub(crate) async fn wait_applied(&self, revision: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while self.store.revision() < revision && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     pub(crate) async fn commit(&self, cmd: Command) -> Result<Response, Status> {
         self.write(cmd).await.map_err(|e| match e {
             WriteError::NoLeader | WriteError::Forward { .. } => Status::unavailable(e.to_string()),
@@ -328,7 +336,8 @@ impl Admin for Svc {
             sealed_secrets: sealed,
             revision: 0,
         };
-        self.0
+        let resp = self
+            .0
             .commit(Command::PutConnection {
                 conn,
                 keep_secrets: true,
@@ -336,6 +345,10 @@ impl Admin for Svc {
                 committed_unix_nano: custos_core::events::now_unix_nano(),
             })
             .await?;
+        // Committed through the leader: read it back once this node has applied it too.
+        if let Response::Revision(rev) = resp {
+            self.0.wait_applied(rev).await;
+        }
         let stored = self
             .0
             .store
