@@ -547,7 +547,7 @@ async fn cancel_works_through_the_edge() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn approval_hook_holds_and_refuses_without_an_approval_service() -> Result<()> {
+async fn a_command_needing_approval_is_held_then_refused_when_nobody_decides() -> Result<()> {
     let env = EdgeEnv::start(EnvOpts::default())?;
     let (code, _, err) = env.psql(
         &env.agent_token,
@@ -555,7 +555,12 @@ async fn approval_hook_holds_and_refuses_without_an_approval_service() -> Result
         "GRANT SELECT ON users TO PUBLIC",
     );
     assert_ne!(code, 0);
-    assert!(err.contains("needs approval by group dba-leads"), "{err}");
+    assert!(
+        err.contains("sql:grant on app is waiting for approval"),
+        "{err}"
+    );
+    assert!(err.contains("from group dba-leads"), "{err}");
+    assert!(err.contains("expired"), "{err}");
     assert!(err.contains("approval-for-grants"), "{err}");
     Ok(())
 }

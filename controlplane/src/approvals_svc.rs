@@ -196,7 +196,10 @@ impl Approvals for Svc {
     ) -> Result<TResponse<Grant>, Status> {
         self.0.authorize(&req, Need::Edge)?;
         let r = req.into_inner();
-        let Some(g) = self.0.store.grant(&r.grant_id) else {
+        // The edge may have heard of the grant from a node ahead of this one.
+        let store = &self.0.store;
+        self.0.wait_until(|| store.grant(&r.grant_id).is_some()).await;
+        let Some(g) = store.grant(&r.grant_id) else {
             return Err(Status::not_found(format!(
                 "no grant with id {}",
                 r.grant_id

@@ -115,8 +115,14 @@ impl Inner {
 
     /// Wait (up to 5 s) until this node's state machine reached `revision`.
     pub(crate) async fn wait_applied(&self, revision: u64) {
+        self.wait_until(|| self.store.revision() >= revision).await
+    }
+
+    /// Wait (up to 5 s) until `done` holds: a write committed through the leader is applied on
+    /// this node a moment later.
+    pub(crate) async fn wait_until(&self, done: impl Fn() -> bool) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while self.store.revision() < revision && tokio::time::Instant::now() < deadline {
+        while !done() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
@@ -235,7 +241,13 @@ impl Admin for Svc {
         };
         match self.0.commit(cmd).await? {
             Response::PolicyVersion(v) => {
-                self.0.store.policy(v).map(TResponse::new).ok_or_else(|| Status::internal("applied policy not readable"))
+                // Committed through the leader: this node may apply it a moment later.
+                self.0.wait_until(|| self.0.store.policy(v).is_some()).await;
+                self.0
+                    .store
+                    .policy(v)
+                    .map(TResponse::new)
+                    .ok_or_else(|| Status::unavailable("the policy was applied, but this node has not caught up yet; read it with `custos policy get`"))
             }
             Response::VersionConflict { current } => Err(Status::failed_precondition(format!(
                 "policy version is {current}, not the expected one; get the current policy and apply again"

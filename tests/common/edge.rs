@@ -35,7 +35,7 @@ when { context.functions.contains("pg_read_file") || context.functions.contains(
 forbid (principal, action == Custos::Action::"sql:copy", resource)
 when { context.statement_kind == "copy_program" || context.statement_kind == "copy_file" };
 @id("approval-for-grants")
-@approval("group=dba-leads,timeout=1m")
+@approval("group=dba-leads,timeout=2s")
 permit (principal in Custos::Group::"agents", action == Custos::Action::"sql:grant", resource);
 "#;
 
