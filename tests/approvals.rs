@@ -158,6 +158,15 @@ fn a_held_delete_runs_once_approved_and_the_log_shows_it_in_order() -> Result<()
     let t = setup(EnvOpts::default())?;
     let env = &t.env;
     assert_eq!(t.canary()?, "1,2,3");
+    // An approver watching live.
+    let watch = Background::spawn(
+        std::process::Command::new(common::custos_bin())
+            .args(["approvals", "watch"])
+            .env("CUSTOS_SERVER", &env.server)
+            .env("CUSTOS_TOKEN", &t.carol)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped()),
+    );
     let mut psql = env.psql_spawn(
         &env.agent_token,
         "agent:reporter",
@@ -175,6 +184,12 @@ fn a_held_delete_runs_once_approved_and_the_log_shows_it_in_order() -> Result<()
         .contains("DELETE FROM canary WHERE id = 1"));
     // Held: nothing ran yet.
     std::thread::sleep(Duration::from_millis(300));
+    let (watched, _) = watch.stop();
+    assert!(watched.contains(&id), "watch printed: {watched}");
+    assert!(
+        watched.contains(&format!("custos approvals approve {id}")),
+        "{watched}"
+    );
     assert!(still_running(&mut psql), "psql must wait for the approval");
     assert_eq!(t.canary()?, "1,2,3");
     // The requester may not approve its own request, even as a member of the group.

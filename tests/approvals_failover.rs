@@ -239,5 +239,26 @@ async fn a_pending_approval_survives_the_leader_and_is_approved_through_another_
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    // With no control plane at all, the edge still serves reads from its last configuration,
+    // and refuses (never runs) a command that needs approval.
+    for n in nodes.iter_mut() {
+        n.kill();
+    }
+    let (code, out, err) = psql("SELECT count(*) FROM canary").finish(Duration::from_secs(15))?;
+    assert_eq!((code, out.trim()), (0, "2"), "{err}");
+    let started = Instant::now();
+    let (code, _, err) = psql("DELETE FROM canary WHERE id = 2").finish(Duration::from_secs(60))?;
+    assert_ne!(code, 0);
+    assert!(err.contains("cannot be reached"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(40),
+        "{:?}",
+        started.elapsed()
+    );
+    let rows = pg.psql_super(
+        "app",
+        "SELECT string_agg(id::text, ',' ORDER BY id) FROM canary",
+    )?;
+    assert_eq!(rows.trim(), "2,3");
     Ok(())
 }

@@ -198,7 +198,9 @@ impl Approvals for Svc {
         let r = req.into_inner();
         // The edge may have heard of the grant from a node ahead of this one.
         let store = &self.0.store;
-        self.0.wait_until(|| store.grant(&r.grant_id).is_some()).await;
+        self.0
+            .wait_until(|| store.grant(&r.grant_id).is_some())
+            .await;
         let Some(g) = store.grant(&r.grant_id) else {
             return Err(Status::not_found(format!(
                 "no grant with id {}",

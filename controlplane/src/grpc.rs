@@ -156,7 +156,16 @@ pub(crate) async fn serve(
             }
         };
     }
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Small replies must not wait for a delayed ACK (Nagle): that added ~40 ms to every call.
+    let incoming = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        |s| {
+            if let Ok(s) = &s {
+                let _ = s.set_nodelay(true);
+            }
+            s
+        },
+    );
     let res = builder
         .add_service(pb::admin_server::AdminServer::new(svc.clone()))
         .add_service(

@@ -617,3 +617,40 @@ impl Services {
         self.config.borrow().clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reason_comes_only_from_a_comment() {
+        assert_eq!(
+            sql_reason("/* reason: ticket OPS-42 */ DELETE FROM t WHERE id = 1"),
+            "ticket OPS-42"
+        );
+        assert_eq!(
+            sql_reason("DELETE FROM t WHERE id = 1 -- Reason: cleanup\n"),
+            "cleanup"
+        );
+        // In a string literal it is data, not a reason.
+        assert_eq!(sql_reason("UPDATE t SET note = 'reason: none'"), "");
+        assert_eq!(sql_reason("DELETE FROM t"), "");
+        // Closed comment before: not inside a comment.
+        assert_eq!(sql_reason("/* x */ SELECT 'reason: y'"), "");
+    }
+
+    #[test]
+    fn the_notice_names_the_id_the_group_the_command_and_the_deadline() {
+        let h = Held {
+            approval_id: "0193-x".into(),
+            approver_group: "dba".into(),
+            quorum: 2,
+            expires_unix_nano: 1_800_000_000_000_000_000,
+        };
+        let n = h.notice("sql:delete", "prod-pg");
+        assert!(n.contains("sql:delete on prod-pg is waiting for approval 0193-x"));
+        assert!(n.contains("2 approvals from group dba"));
+        assert!(n.contains("2027-01-15T08:00:00Z"));
+        assert!(n.contains("custos approvals approve 0193-x"));
+    }
+}

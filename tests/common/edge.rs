@@ -361,6 +361,21 @@ impl Background {
         }
     }
 
+    /// Kill it and return what it printed: (stdout, stderr).
+    pub fn stop(mut self) -> (String, String) {
+        let Some(mut c) = self.0.take() else {
+            return Default::default();
+        };
+        let _ = c.kill();
+        match c.wait_with_output() {
+            Ok(o) => (
+                String::from_utf8_lossy(&o.stdout).into_owned(),
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+            ),
+            Err(_) => Default::default(),
+        }
+    }
+
     /// Wait for it to end: (exit code, stdout, stderr). Killed after `within`.
     pub fn finish(mut self, within: Duration) -> Result<(i32, String, String)> {
         let t0 = std::time::Instant::now();
