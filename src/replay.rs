@@ -94,6 +94,10 @@ pub fn transcript(events: &[(u64, Event)]) -> Vec<Value> {
                 "type": "approval_decided", "seq": seq, "time": t, "approval_id": a.approval_id,
                 "state": a.state, "approver": a.approver, "comment": a.comment,
             })),
+            Some(Payload::GrantUsed(g)) => out.push(json!({
+                "type": "grant_used", "seq": seq, "time": t, "grant_id": g.grant_id,
+                "approval_id": g.approval_id, "kind": g.kind, "command_id": g.command_id,
+            })),
             Some(Payload::SessionEnded(s)) => out.push(json!({
                 "type": "session_ended", "seq": seq, "time": t, "reason": s.reason,
                 "duration_ms": s.duration_ms, "commands": s.commands, "denied": s.denied,
@@ -179,6 +183,14 @@ pub fn text(entries: &[Value]) -> String {
                 s(e, "approval_id"),
                 s(e, "approver_group"),
                 e["quorum"]
+            )),
+            "grant_used" => out.push_str(&format!(
+                "[{}] {} grant {} (approval {}) let command {} run without asking\n",
+                s(e, "time"),
+                s(e, "kind"),
+                s(e, "grant_id"),
+                s(e, "approval_id"),
+                s(e, "command_id")
             )),
             "approval_decided" => out.push_str(&format!(
                 "[{}] approval {} {} by {} {}\n",

@@ -257,6 +257,20 @@ fn a_held_delete_runs_once_approved_and_the_log_shows_it_in_order() -> Result<()
     assert_eq!(c["payload"]["command_received"]["verdict"], 4, "APPROVED");
     let verify = env.ok(&["audit", "verify"])?;
     assert!(verify.starts_with("ok:"), "{verify}");
+    // The session's replay shows the hold and the decision with the statement.
+    let session = a["session_id"].as_str().unwrap().to_string();
+    let t0 = Instant::now();
+    loop {
+        let replay = env.ok(&["replay", &session]).unwrap_or_default();
+        if replay.contains(&format!("approval {id} requested from dba"))
+            && replay.contains(&format!("approval {id} approved by carol"))
+            && replay.contains("DELETE FROM canary WHERE id = 1")
+        {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "replay: {replay}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     Ok(())
 }
 
