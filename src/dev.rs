@@ -19,6 +19,9 @@ pub struct DevArgs {
     /// The edge's Postgres listen address; "off" runs no edge.
     #[arg(long, default_value = "127.0.0.1:15432")]
     pub postgres_listen: String,
+    /// The edge's HTTP/LLM/MCP listen address; "off" turns it off.
+    #[arg(long, default_value = "127.0.0.1:18080")]
+    pub http_listen: String,
     /// Masking rules for the edge (a TOML file with a [masking] table; see docs/masking.md).
     #[arg(long)]
     pub masking: Option<PathBuf>,
@@ -66,7 +69,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
     let (bus, source) = InProcBus::new(4096);
     let node = ControlPlane::start(cfg.clone(), EventInput::InProc(source)).await?;
     let token_file = cfg.node.data_dir.join("admin.token");
-    let edge = if args.postgres_listen != "off" {
+    let edge = if args.postgres_listen != "off" || args.http_listen != "off" {
         Some(
             start_edge(
                 &args,
@@ -87,6 +90,9 @@ pub async fn run(args: DevArgs) -> Result<()> {
             "  postgres edge  {a} (TLS with {}/edge.crt)",
             cfg.node.data_dir.display()
         );
+    }
+    if let Some(a) = edge.as_ref().and_then(|e| e.http_addr) {
+        println!("  http edge      http://{a}/<connection>/… (HTTP APIs, LLMs, MCP)");
     }
     println!("  data           {}", cfg.node.data_dir.display());
     println!("  admin token    {}", token_file.display());
@@ -129,7 +135,10 @@ async fn start_edge(
     ecfg.edge.id = "dev".into();
     ecfg.controlplane.servers = vec![server];
     ecfg.controlplane.token_file = Some(token_file.to_path_buf());
+    ecfg.postgres.enabled = args.postgres_listen != "off";
     ecfg.postgres.listen = args.postgres_listen.clone();
+    ecfg.http.enabled = args.http_listen != "off";
+    ecfg.http.listen = args.http_listen.clone();
     ecfg.postgres.tls_cert = Some(cert);
     ecfg.postgres.tls_key = Some(key);
     ecfg.postgres.allow_insecure_password = args.allow_insecure_password;
@@ -150,8 +159,8 @@ async fn start_edge(
     ecfg.validate()?;
     let setup = crate::edge_cmd::setup(&ecfg, std::sync::Arc::new(bus))?;
     let edge = custos_edge::Edge::start(setup).await.context(
-        "the dev edge cannot start (choose another address with --postgres-listen ADDR, or run \
-         without it: --postgres-listen off)",
+        "the dev edge cannot start (choose other addresses with --postgres-listen ADDR and \
+         --http-listen ADDR, or turn them off with \"off\")",
     )?;
     edge.wait_synced(std::time::Duration::from_secs(10)).await;
     Ok(edge)

@@ -28,6 +28,11 @@ pub fn setup(cfg: &EdgeFileConfig, bus: Arc<dyn EventBus>) -> Result<EdgeSetup> 
     } else {
         None
     };
+    let http = if cfg.http.enabled {
+        Some((cfg.http.listen.clone(), cfg.http.options()?))
+    } else {
+        None
+    };
     Ok(EdgeSetup {
         id: cfg.edge.id.clone(),
         watch: WatchOptions {
@@ -39,6 +44,7 @@ pub fn setup(cfg: &EdgeFileConfig, bus: Arc<dyn EventBus>) -> Result<EdgeSetup> 
         },
         bus,
         postgres,
+        http,
         masking: cfg.masking.clone(),
         oidc: cfg.oidc.clone(),
         approvals: None,

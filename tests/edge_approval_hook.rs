@@ -152,6 +152,7 @@ async fn the_approval_hook_holds_then_forwards_or_refuses() -> Result<()> {
                 allow_insecure_password: true,
             },
         )),
+        http: None,
         masking: Default::default(),
         oidc: None,
         approvals: Some(hook.clone()),

@@ -42,6 +42,7 @@ pub struct EdgeFileConfig {
     pub controlplane: ControlPlaneSection,
     pub bus: BusSection,
     pub postgres: PostgresSection,
+    pub http: HttpSection,
     pub oidc: Option<OidcConfig>,
     pub masking: MaskConfig,
 }
@@ -122,6 +123,58 @@ impl Default for PostgresSection {
     }
 }
 
+/// `[http]`: the HTTP, LLM and MCP listener (docs/http-llm-mcp.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSection {
+    pub enabled: bool,
+    pub listen: String,
+    /// PEM certificate and key: clients connect with https.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Largest request body (413 beyond).
+    pub max_body_bytes: usize,
+    /// Request headers must arrive within this (slow clients get 408 and are closed).
+    pub header_timeout_ms: u64,
+    /// The request body must arrive within this.
+    pub body_timeout_ms: u64,
+    /// The upstream must send its response headers within this.
+    pub upstream_timeout_ms: u64,
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        HttpSection {
+            enabled: false,
+            listen: "127.0.0.1:18080".into(),
+            tls_cert: None,
+            tls_key: None,
+            max_body_bytes: 10 << 20,
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 30_000,
+            upstream_timeout_ms: 300_000,
+        }
+    }
+}
+
+impl HttpSection {
+    pub fn options(&self) -> Result<crate::http::HttpOptions, ConfigError> {
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => {
+                Some(crate::pg::server_tls(c, k).map_err(|e| ConfigError(format!("[http] {e}")))?)
+            }
+            _ => None,
+        };
+        Ok(crate::http::HttpOptions {
+            tls,
+            max_body: self.max_body_bytes,
+            header_timeout: std::time::Duration::from_millis(self.header_timeout_ms.max(100)),
+            body_timeout: std::time::Duration::from_millis(self.body_timeout_ms.max(100)),
+            upstream_timeout: std::time::Duration::from_millis(self.upstream_timeout_ms.max(100)),
+        })
+    }
+}
+
 /// A configuration problem, naming the file and the fix.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -173,6 +226,16 @@ impl EdgeFileConfig {
         {
             return Err(ConfigError(
                 "[postgres] has no tls_cert/tls_key: clients could not send tokens safely (set them, or allow_insecure_password = true for local development)".into(),
+            ));
+        }
+        if self.http.tls_cert.is_some() != self.http.tls_key.is_some() {
+            return Err(ConfigError(
+                "[http] tls_cert and tls_key go together".into(),
+            ));
+        }
+        if self.http.max_body_bytes == 0 {
+            return Err(ConfigError(
+                "[http] max_body_bytes must be 1 or more".into(),
             ));
         }
         custos_core::mask::Masker::new(&self.masking)

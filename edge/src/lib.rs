@@ -12,10 +12,12 @@
 //! - [`pipeline`]: the protocol-independent steps every listener shares.
 //! - [`approvals`]: the hold-for-approval step, through the control plane.
 //! - [`pg`]: the PostgreSQL listener and relay.
+//! - [`http`]: the HTTP, LLM and MCP listener.
 //! - [`config`]: `custos edge --config FILE`.
 
 pub mod approvals;
 pub mod config;
+pub mod http;
 pub mod pg;
 pub mod pipeline;
 pub mod watch;
@@ -47,6 +49,8 @@ pub struct EdgeSetup {
     pub bus: Arc<dyn EventBus>,
     /// Postgres listen address and options; `None` disables the listener.
     pub postgres: Option<(String, pg::PgOptions)>,
+    /// HTTP/LLM/MCP listen address and options; `None` disables the listener.
+    pub http: Option<(String, http::HttpOptions)>,
     pub masking: MaskConfig,
     pub oidc: Option<OidcConfig>,
     /// The hold-for-approval step; `None` uses the control plane's Approvals service.
@@ -56,6 +60,7 @@ pub struct EdgeSetup {
 /// A running edge.
 pub struct Edge {
     pub postgres_addr: Option<SocketAddr>,
+    pub http_addr: Option<SocketAddr>,
     pub config: tokio_watch::Receiver<Arc<watch::EdgeConfig>>,
     recorder: Recorder,
     shutdown: tokio_watch::Sender<bool>,
@@ -109,8 +114,22 @@ impl Edge {
             let edge = pg::PgEdge::new(services.clone(), opts);
             tokio::spawn(edge.serve(listener, shutdown_rx.clone()));
         }
+        let mut http_addr = None;
+        if let Some((addr, opts)) = setup.http {
+            let listener =
+                tokio::net::TcpListener::bind(&addr)
+                    .await
+                    .map_err(|e| EdgeError::Listen {
+                        addr: addr.clone(),
+                        reason: e.to_string(),
+                    })?;
+            http_addr = listener.local_addr().ok();
+            let edge = http::HttpEdge::new(services.clone(), opts).map_err(EdgeError::Config)?;
+            tokio::spawn(edge.serve(listener, shutdown_rx.clone()));
+        }
         Ok(Edge {
             postgres_addr,
+            http_addr,
             config: cfg_rx,
             recorder,
             shutdown,

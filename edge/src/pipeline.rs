@@ -71,12 +71,25 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
+    /// A login with a user name (Postgres): the token must belong to that user.
     pub async fn authenticate(
         &self,
         cfg: &EdgeConfig,
         user: &str,
         token: &str,
     ) -> Result<Identity, AuthError> {
+        let id = self.identify(cfg, token).await?;
+        if id.subject != user {
+            return Err(AuthError::SubjectMismatch {
+                user: user.to_string(),
+                subject: id.subject,
+            });
+        }
+        Ok(id)
+    }
+
+    /// Who a bearer token belongs to (HTTP): a custos token or an OIDC JWT.
+    pub async fn identify(&self, cfg: &EdgeConfig, token: &str) -> Result<Identity, AuthError> {
         let token = token.trim();
         if token.is_empty() {
             return Err(AuthError::Empty);
@@ -117,12 +130,6 @@ impl Authenticator {
                 method: "custos-token",
             }
         };
-        if id.subject != user {
-            return Err(AuthError::SubjectMismatch {
-                user: user.to_string(),
-                subject: id.subject,
-            });
-        }
         Ok(id)
     }
 }

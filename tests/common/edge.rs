@@ -56,6 +56,8 @@ pub struct EdgeEnv {
     pub server: String,
     pub admin_token: String,
     pub pg_port: u16,
+    /// The edge's HTTP/LLM/MCP listener.
+    pub http_port: u16,
     pub app_password: String,
     pub agent_token: String,
     pub dba_token: String,
@@ -127,12 +129,14 @@ impl EdgeEnv {
         std::fs::write(&masking, MASKING)?;
         let cp_port = free_port();
         let pg_port = free_port();
+        let http_port = free_port();
         let log = std::fs::File::create(dir.path().join("custos.log"))?;
         let mut cmd = Command::new(custos_bin());
         cmd.args(["dev", "--data-dir"])
             .arg(dir.path().join("data"))
             .args(["--listen", &format!("127.0.0.1:{cp_port}")])
             .args(["--postgres-listen", &format!("127.0.0.1:{pg_port}")])
+            .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
             .arg("--masking")
             .arg(&masking);
         if opts.allow_insecure {
@@ -149,6 +153,7 @@ impl EdgeEnv {
             server: format!("http://127.0.0.1:{cp_port}"),
             admin_token: String::new(),
             pg_port,
+            http_port,
             app_password,
             agent_token: String::new(),
             dba_token: String::new(),

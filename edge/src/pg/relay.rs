@@ -884,6 +884,7 @@ impl ServerHalf<'_, '_> {
                 error: cmd.error.unwrap_or_default(),
                 result_excerpt: cmd.excerpt,
                 result_truncated: cmd.truncated,
+                ..Default::default()
             }));
         self.r.services.recorder.later(ev).await;
     }
