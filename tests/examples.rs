@@ -38,7 +38,7 @@ fn every_example_edge_config_loads() {
         let cfg = custos_edge::config::EdgeFileConfig::load(&p)
             .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         assert!(
-            cfg.oidc.is_some() && cfg.postgres.tls_cert.is_some(),
+            cfg.oidc.is_some() && cfg.postgres.tls_cert.is_some() && cfg.http.enabled,
             "{}",
             p.display()
         );

@@ -710,3 +710,99 @@ fn bad_input_gets_clear_bounded_answers() -> Result<()> {
     );
     Ok(())
 }
+
+/// Answers any request with 101 and then echoes bytes, upper-cased.
+const UPGRADE_STUB: &str = r#"
+import socket, sys, threading
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(('127.0.0.1', int(sys.argv[1]))); srv.listen(8)
+def serve(c):
+    buf = b''
+    while b'\r\n\r\n' not in buf:
+        d = c.recv(4096)
+        if not d: return
+        buf += d
+    if b'upgrade: echo' not in buf.lower():
+        c.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok')
+        c.close()
+        return
+    c.sendall(b'HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n')
+    while True:
+        d = c.recv(4096)
+        if not d: break
+        c.sendall(d.upper())
+    c.close()
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+#[test]
+fn upgraded_connections_are_relayed_after_authorization() -> Result<()> {
+    use std::io::{Read, Write};
+    let env = setup()?;
+    let port = common::free_port();
+    let _up = server(&[
+        "-c",
+        UPGRADE_STUB,
+        &port.to_string(),
+        "--port",
+        &port.to_string(),
+    ])?;
+    put_connection(
+        &env,
+        &[
+            "ws",
+            "--kind",
+            "http",
+            "--address",
+            &format!("http://127.0.0.1:{port}"),
+        ],
+    )?;
+    wait_served(&env, "/ws/x")?;
+    let open = |path: &str| -> Result<(String, std::net::TcpStream)> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", env.http_port))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+            env.agent_token
+        )?;
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if s.read(&mut b)? == 0 {
+                break;
+            }
+            head.push(b[0]);
+        }
+        Ok((String::from_utf8_lossy(&head).into_owned(), s))
+    };
+    let (head, mut s) = open("/ws/stream")?;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    s.write_all(b"hello tunnel")?;
+    let mut got = [0u8; 12];
+    s.read_exact(&mut got)?;
+    assert_eq!(&got, b"HELLO TUNNEL");
+    drop(s);
+    // Authorization still applies before the upgrade.
+    let (head, _) = open("/ws/admin/stream")?;
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    let t0 = Instant::now();
+    loop {
+        let recs = env.audit(&["--connection", "ws", "--kind", "command_completed"])?;
+        if recs.iter().any(|r| {
+            let c = &event(r)["payload"]["command_completed"];
+            c["status"] == 101
+                && c["result_excerpt"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("12 bytes from the client")
+        }) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "{recs:#?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}

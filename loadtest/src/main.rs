@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod approvals_bench;
+mod http_bench;
 mod mask_bench;
 mod pg_bench;
 
@@ -38,6 +39,19 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// An HTTP upstream answering a fixed ~1.3 KB JSON document (for `http`).
+    Upstream {
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+    },
+    /// Requests/s and latency, direct and through the edge, interleaved (scripts/bench-http.sh).
+    Http {
+        #[command(flatten)]
+        opts: http_bench::CompareOpts,
+        /// Append the table to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Decision-to-execution latency of held statements (scripts/bench-approvals.sh sets it up).
     Approvals {
         #[command(flatten)]
@@ -70,6 +84,9 @@ enum Cmd {
     Mask {
         #[arg(long, default_value_t = 64)]
         megabytes: usize,
+        /// Measure the streaming JSON and SSE rewriters instead of the text engine.
+        #[arg(long)]
+        streams: bool,
         /// Append the table to this file.
         #[arg(long)]
         markdown: Option<PathBuf>,
@@ -322,15 +339,34 @@ async fn main() -> Result<()> {
         }
         Cmd::Mask {
             megabytes,
+            streams,
             markdown,
         } => {
-            let table = mask_bench::run(megabytes)?;
+            let table = if streams {
+                mask_bench::run_streams(megabytes)?
+            } else {
+                mask_bench::run(megabytes)?
+            };
             println!("{table}");
             if let Some(md) = markdown {
                 let mut f = std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
                     .open(md)?;
+                writeln!(f, "{table}")?;
+            }
+            Ok(())
+        }
+        Cmd::Upstream { port } => http_bench::upstream(port).await,
+        Cmd::Http { opts, out } => {
+            let table = http_bench::compare(&opts).await?;
+            println!("{table}");
+            if let Some(out) = out {
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&out)
+                    .with_context(|| format!("open {}", out.display()))?;
                 writeln!(f, "{table}")?;
             }
             Ok(())

@@ -25,6 +25,8 @@ mod checks;
 mod config;
 pub mod corpus;
 mod detect;
+mod json_stream;
+mod sse;
 mod stream;
 
 #[cfg(test)]
@@ -39,6 +41,8 @@ use sha2::{Digest, Sha256};
 pub use checks::{dni_letter, iban_check_digits, luhn_check_digit};
 pub use config::{ColumnRule, Exemption, MaskConfig, MaskConfigError, Strategy};
 pub use detect::{Detector, DETECTOR_COUNT, JWT_CAP, PEM_CAP};
+pub use json_stream::{JsonMasker, JsonPath};
+pub use sse::{SseMasker, SseMode};
 pub use stream::StreamMasker;
 
 use config::{glob, ColumnPattern};

@@ -14,7 +14,6 @@
 
 pub mod classify;
 mod respond;
-mod shim;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -163,7 +162,8 @@ impl HttpEdge {
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(self.opts.header_timeout)
-            .serve_connection(TokioIo::new(io), service);
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
         if let Err(e) = conn.await {
             tracing::debug!(peer = %peer, error = %e, "http connection ended with an error");
         }
@@ -273,15 +273,21 @@ impl HttpEdge {
         };
         drop(token);
         let origin = self.origin(&sess, &who, &conn).await;
-        if respond::is_upgrade(req.headers()) {
-            return respond::problem(
-                StatusCode::NOT_IMPLEMENTED,
-                "upgrade-unsupported",
-                "Protocol upgrades are not relayed",
-                "WebSocket and other Upgrade requests are not relayed by this edge yet",
-                json!({}),
-            );
-        }
+        let mut req = req;
+        let upgrade = if respond::is_upgrade(req.headers()) {
+            if conn.kind != "http" {
+                return respond::problem(
+                    StatusCode::NOT_IMPLEMENTED,
+                    "upgrade-unsupported",
+                    "Protocol upgrades are relayed for http connections only",
+                    &format!("connection {} is of kind {}; WebSocket and other upgrades pass through http connections", conn.name, conn.kind),
+                    json!({}),
+                );
+            }
+            Some(hyper::upgrade::on(&mut req))
+        } else {
+            None
+        };
         let mode = match AuditMode::of(&conn) {
             Ok(m) => m,
             Err(e) => {
@@ -336,11 +342,9 @@ impl HttpEdge {
         let query = parts.uri.query().unwrap_or("").to_string();
         // Classify.
         let mut mcp: Vec<McpMessage> = Vec::new();
-        let mut stream_llm = false;
         let judged: Vec<Judged> = match conn.kind.as_str() {
             "llm" => match classify::classify_llm(&method, &routed.path, &body) {
                 Ok(r) => {
-                    stream_llm = r.stream;
                     let detectors: Vec<String> = {
                         let mut d: Vec<String> = self
                             .svc
@@ -595,7 +599,17 @@ impl HttpEdge {
         let started = Instant::now();
         let upstream_req =
             match respond::upstream_request(&conn, &parts, &routed.path, &query, body) {
-                Ok(r) => r,
+                Ok(mut r) => {
+                    if upgrade.is_some() {
+                        // The upgrade itself is hop-by-hop, but it is what this request is for.
+                        for h in [header::CONNECTION, header::UPGRADE] {
+                            if let Some(v) = parts.headers.get(&h) {
+                                r.headers_mut().insert(h, v.clone());
+                            }
+                        }
+                    }
+                    r
+                }
                 Err(e) => {
                     self.complete(
                         &origin,
@@ -671,6 +685,11 @@ impl HttpEdge {
                 );
             }
         };
+        if let Some(client_side) = upgrade {
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                return self.upgraded(resp, client_side, origin, command_id, started);
+            }
+        }
         let tools_list: Vec<serde_json::Value> = mcp
             .iter()
             .filter(|m| m.method == "tools/list")
@@ -697,7 +716,6 @@ impl HttpEdge {
                 masker: self.svc.masker.clone(),
                 connection: conn.clone(),
                 groups: scope_groups,
-                llm_stream: stream_llm,
                 tools_list,
                 may_call: filter,
             },
@@ -721,6 +739,66 @@ impl HttpEdge {
                 },
             ),
         )
+    }
+
+    /// The upstream switched protocols (WebSocket …): answer 101 and relay bytes both ways,
+    /// recording how many went each way when the tunnel closes.
+    fn upgraded(
+        self: &Arc<Self>,
+        mut resp: Response<Incoming>,
+        client_side: hyper::upgrade::OnUpgrade,
+        origin: Origin,
+        command_id: String,
+        started: Instant,
+    ) -> Response<Body> {
+        let upstream_side = hyper::upgrade::on(&mut resp);
+        let (parts, _) = resp.into_parts();
+        let edge = self.clone();
+        tokio::spawn(async move {
+            let (c, u) = match tokio::try_join!(client_side, upstream_side) {
+                Ok(x) => x,
+                Err(e) => {
+                    let why = format!("the upgrade did not complete: {e}");
+                    edge.complete(
+                        &origin,
+                        &command_id,
+                        started,
+                        101,
+                        Some(why),
+                        respond::Captured::default(),
+                        Stats::default(),
+                    )
+                    .await;
+                    return;
+                }
+            };
+            let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+            let res = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+            let (error, sent, received) = match res {
+                Ok((a, b)) => (None, a, b),
+                Err(e) => (Some(format!("the tunnel broke: {e}")), 0, 0),
+            };
+            let cap = respond::Captured {
+                head: format!("upgraded connection: {sent} bytes from the client, {received} bytes from the upstream").into_bytes(),
+                tail: Vec::new(),
+                bytes: received,
+                truncated: false,
+            };
+            edge.complete(
+                &origin,
+                &command_id,
+                started,
+                101,
+                error,
+                cap,
+                Stats::default(),
+            )
+            .await;
+        });
+        let mut r = Response::new(respond::empty());
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        *r.headers_mut() = parts.headers;
+        r
     }
 
     /// Whether `who` may call `tool` on `conn` (for filtering tools/list).

@@ -5,9 +5,8 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::shim::{JsonMasker, JsonPath, SseMasker, SseMode};
 use bytes::Bytes;
-use custos_core::mask::{Masker, Stats, StreamMasker};
+use custos_core::mask::{JsonMasker, JsonPath, Masker, SseMasker, SseMode, Stats, StreamMasker};
 use custos_core::proto::v1::Connection;
 use futures::future::BoxFuture;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -53,6 +52,10 @@ impl Captured {
             self.tail.drain(..cut);
         }
     }
+}
+
+pub fn empty() -> Body {
+    full(Bytes::new())
 }
 
 fn full(b: impl Into<Bytes>) -> Body {
@@ -388,16 +391,17 @@ fn last_number(text: &str, key: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
+/// Whether the caller may call a tool (tools/list filtering).
+pub type MayCall = Box<dyn Fn(&str) -> bool + Send>;
+
 /// How to rewrite a response.
 pub struct Rewrite {
     pub masker: Arc<Masker>,
     pub connection: Connection,
     pub groups: Vec<String>,
-    /// The LLM request asked for a stream.
-    pub llm_stream: bool,
     /// JSON-RPC ids of tools/list requests whose results are filtered.
     pub tools_list: Vec<Json>,
-    pub may_call: Option<Box<dyn Fn(&str) -> bool + Send>>,
+    pub may_call: Option<MayCall>,
 }
 
 pub type Done =
@@ -449,7 +453,7 @@ impl Rewrite {
                 if self.tools_list.contains(id) {
                     if let Some(tools) = m.pointer_mut("/result/tools").and_then(Json::as_array_mut)
                     {
-                        tools.retain(|t| t["name"].as_str().is_some_and(|n| f(n)));
+                        tools.retain(|t| t["name"].as_str().is_some_and(f));
                     }
                 }
             }
@@ -543,7 +547,7 @@ impl Rewrite {
 }
 
 /// Feed text to a StreamMasker, keeping an incomplete UTF-8 sequence for the next chunk.
-pub(crate) fn text_push(
+fn text_push(
     m: &mut StreamMasker,
     carry: &mut Vec<u8>,
     chunk: &[u8],

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# HTTP through the edge, in the production shape (a control-plane node ingesting from NATS,
+# `custos edge` with its HTTP listener, audit async or strict), next to the same upstream reached
+# directly, in interleaved rounds measured by `custos-loadtest http`.
+#   ./scripts/bench-http.sh [--seconds 10 --rounds 3 --connections 16 --out FILE]
+#   AUDIT=strict ./scripts/bench-http.sh …   (default async)
+# Needs: nats-server.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/custos/target}"
+if [ -n "${CUSTOS_BIN_DIR:-}" ]; then
+  BIN="$CUSTOS_BIN_DIR"
+else
+  cargo build --release -p custos -p custos-loadtest >/dev/null
+  BIN="$CARGO_TARGET_DIR/release"
+fi
+AUDIT="${AUDIT:-async}"
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; echo "nothing on port $1" >&2; exit 1; }
+
+NATS_PORT=$(port); CP_PORT=$(port); EDGE_PORT=$(port); UP_PORT=$(port)
+"$BIN/custos-loadtest" upstream --port "$UP_PORT" >/dev/null & pids+=($!)
+nats-server -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$work/nats" >/dev/null 2>&1 & pids+=($!)
+wait_port "$NATS_PORT"; wait_port "$UP_PORT"
+mkdir -p "$work/cp"
+echo -n bench-admin-token > "$work/admin.token"
+cat > "$work/cp.toml" <<TOML
+[node]
+id = 1
+listen = "127.0.0.1:$CP_PORT"
+data_dir = "$work/cp"
+admin_token_file = "$work/admin.token"
+[cluster.initial_members]
+1 = "127.0.0.1:$CP_PORT"
+[bus]
+kind = "nats"
+[bus.nats]
+url = "nats://127.0.0.1:$NATS_PORT"
+TOML
+CUSTOS_LOG=warn "$BIN/custos" controlplane --config "$work/cp.toml" 2>"$work/cp.log" & pids+=($!)
+wait_port "$CP_PORT"
+export CUSTOS_SERVER="http://127.0.0.1:$CP_PORT" CUSTOS_TOKEN=bench-admin-token
+for _ in $(seq 100); do "$BIN/custos" cluster status 2>/dev/null | grep -q "leader 1" && break; sleep 0.1; done
+cat > "$work/p.cedar" <<'CEDAR'
+@id("bench-read")
+permit (principal in Custos::Group::"bench", action in Custos::Action::"http:read", resource);
+CEDAR
+"$BIN/custos" policy apply "$work/p.cedar" >/dev/null
+"$BIN/custos" connection put bench --kind http --address "http://127.0.0.1:$UP_PORT" -o audit_mode="$AUDIT" >/dev/null
+TOKEN=$("$BIN/custos" token issue bench-agent --group bench --ttl 2h 2>/dev/null)
+EDGE=$("$BIN/custos" token issue bench-edge --role edge --ttl 2h 2>/dev/null)
+cat > "$work/edge.toml" <<TOML
+[edge]
+id = "bench-edge"
+[controlplane]
+servers = ["127.0.0.1:$CP_PORT"]
+token = "$EDGE"
+[bus.nats]
+url = "nats://127.0.0.1:$NATS_PORT"
+[postgres]
+enabled = false
+[http]
+enabled = true
+listen = "127.0.0.1:$EDGE_PORT"
+TOML
+CUSTOS_LOG=warn "$BIN/custos" edge --config "$work/edge.toml" 2>"$work/edge.log" & pids+=($!)
+wait_port "$EDGE_PORT"
+for _ in $(seq 100); do curl -sf -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$EDGE_PORT/bench/items" >/dev/null && break; sleep 0.1; done
+echo "audit_mode=$AUDIT"
+"$BIN/custos-loadtest" http --direct "http://127.0.0.1:$UP_PORT/items" \
+  --edge "http://127.0.0.1:$EDGE_PORT/bench/items" --edge-header "Authorization: Bearer $TOKEN" "$@"
