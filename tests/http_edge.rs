@@ -695,6 +695,35 @@ fn bad_input_gets_clear_bounded_answers() -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    // A bad token and the oversize body above are refusals on the record.
+    let r = curl(&[
+        "-H",
+        "Authorization: Bearer cst_bogus_token",
+        &format!("http://127.0.0.1:{}/dead/x", env.http_port),
+    ]);
+    assert_eq!(r.status, 401);
+    let t0 = Instant::now();
+    loop {
+        let recs = env.audit(&["--kind", "command_received"])?;
+        let reasons: Vec<String> = recs
+            .iter()
+            .map(|r| {
+                event(r)["payload"]["command_received"]["reason"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .collect();
+        if reasons.iter().any(|r| r.contains("exceeds"))
+            && reasons.iter().any(|r| r.contains("authentication failed"))
+        {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(10) {
+            bail!("refusals not recorded: {reasons:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // A slow-loris client: headers never finish; the edge closes within its header timeout.
     use std::io::{Read, Write};
     let started = Instant::now();
@@ -804,5 +833,76 @@ fn upgraded_connections_are_relayed_after_authorization() -> Result<()> {
         assert!(t0.elapsed() < Duration::from_secs(10), "{recs:#?}");
         std::thread::sleep(Duration::from_millis(100));
     }
+    Ok(())
+}
+
+/// The same API through a Rust client (hyper): allowed and masked, denied, and the injected
+/// credential never shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_hyper_client_gets_the_same_answers() -> Result<()> {
+    use http_body_util::BodyExt;
+    let env = setup()?;
+    let port = common::free_port();
+    let log = env.dir.path().join("api.jsonl");
+    let _api = server(&[
+        "-c",
+        API_STUB,
+        &port.to_string(),
+        log.to_str().unwrap(),
+        "--port",
+        &port.to_string(),
+    ])?;
+    put_connection(
+        &env,
+        &[
+            "api",
+            "--kind",
+            "http",
+            "--address",
+            &format!("http://127.0.0.1:{port}"),
+            "-s",
+            "api_key=hyper-upstream-key",
+            "-o",
+            "api_key_header=x-upstream-key",
+        ],
+    )?;
+    wait_served(&env, "/api/users")?;
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", env.http_port)).await?;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    let get = |method: &str, path: &str| {
+        hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "127.0.0.1")
+            .header("authorization", format!("Bearer {}", env.agent_token))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+    // Keep-alive: several requests on one connection.
+    let r = send.send_request(get("GET", "/api/users")).await?;
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers().get("content-length").is_none(),
+        "a masked body is re-framed"
+    );
+    let body = String::from_utf8(r.into_body().collect().await?.to_bytes().to_vec())?;
+    let v: Value = serde_json::from_str(&body)?;
+    assert_eq!(v["users"][0]["email"], "[REDACTED:email]", "{body}");
+    send.ready().await?;
+    let r = send.send_request(get("DELETE", "/api/users/1")).await?;
+    assert_eq!(r.status(), 403);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    send.ready().await?;
+    let r = send.send_request(get("GET", "/api/text")).await?;
+    let body = String::from_utf8(r.into_body().collect().await?.to_bytes().to_vec())?;
+    assert_eq!(body, "contact [REDACTED:email] now");
+    let seen = std::fs::read_to_string(&log)?;
+    assert!(
+        seen.contains("hyper-upstream-key") && !seen.contains(&env.agent_token),
+        "{seen}"
+    );
+    assert!(!body.contains("hyper-upstream-key"));
     Ok(())
 }

@@ -259,15 +259,27 @@ impl HttpEdge {
             );
         };
         // Who is asking.
+        let anonymous = Origin {
+            edge_id: self.svc.edge_id.clone(),
+            session_id: sess.id.clone(),
+            identity: String::new(),
+            connection: conn.name.clone(),
+        };
+        let request_line = format!("{} {}", req.method(), routed.path);
+        let audit_mode = AuditMode::of(&conn).unwrap_or(AuditMode::Strict);
         let Some(token) = respond::client_token(req.headers(), &conn) else {
-            return respond::unauthorized(
-                "no token: send `Authorization: Bearer <custos token or OIDC JWT>`",
-            );
+            let why = "no token: send `Authorization: Bearer <custos token or OIDC JWT>`";
+            self.record_refusal(&anonymous, audit_mode, &request_line, "auth:failed", why)
+                .await;
+            return respond::unauthorized(why);
         };
         let who = match self.svc.auth.identify(&cfg, &token).await {
             Ok(w) => w,
             Err(e) => {
                 tracing::info!(peer = %sess.peer, reason = %e, "http client authentication failed");
+                let why = format!("authentication failed: {e}");
+                self.record_refusal(&anonymous, audit_mode, &request_line, "auth:failed", &why)
+                    .await;
                 return respond::unauthorized(&e.to_string());
             }
         };
@@ -304,38 +316,37 @@ impl HttpEdge {
         let body = match respond::read_body(body, self.opts.max_body, self.opts.body_timeout).await
         {
             Ok(b) => b,
-            Err(respond::BodyError::TooLarge) => {
-                return respond::problem(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body-too-large",
-                    "Request body too large",
-                    &format!(
-                        "the request body exceeds {} bytes, the edge's limit",
-                        self.opts.max_body
+            Err(e) => {
+                let (status, slug, title, detail) = match e {
+                    respond::BodyError::TooLarge => (
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "body-too-large",
+                        "Request body too large",
+                        format!(
+                            "the request body exceeds {} bytes, the edge's limit",
+                            self.opts.max_body
+                        ),
                     ),
-                    json!({}),
-                )
-            }
-            Err(respond::BodyError::Timeout) => {
-                return respond::problem(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "body-timeout",
-                    "Request body too slow",
-                    &format!(
-                        "the request body did not arrive within {:?}",
-                        self.opts.body_timeout
+                    respond::BodyError::Timeout => (
+                        StatusCode::REQUEST_TIMEOUT,
+                        "body-timeout",
+                        "Request body too slow",
+                        format!(
+                            "the request body did not arrive within {:?}",
+                            self.opts.body_timeout
+                        ),
                     ),
-                    json!({}),
-                )
-            }
-            Err(respond::BodyError::Read(e)) => {
-                return respond::problem(
-                    StatusCode::BAD_REQUEST,
-                    "bad-body",
-                    "Unreadable request body",
-                    &e,
-                    json!({}),
-                )
+                    respond::BodyError::Read(e) => (
+                        StatusCode::BAD_REQUEST,
+                        "bad-body",
+                        "Unreadable request body",
+                        format!("the request body could not be read: {e}"),
+                    ),
+                };
+                sess.denied.fetch_add(1, Ordering::Relaxed);
+                self.record_refusal(&origin, mode, &request_line, "http:refused", &detail)
+                    .await;
+                return respond::problem(status, slug, title, &detail, json!({}));
             }
         };
         let method = parts.method.as_str().to_string();
