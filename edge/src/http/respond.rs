@@ -602,6 +602,7 @@ pub fn relay_response(resp: Response<Incoming>, rw: Rewrite, done: Done) -> Resp
         let mut stats = Stats::default();
         let mut cap = Captured::default();
         let mut error = None;
+        let mut last = Vec::new();
         let send = |b: Vec<u8>, cap: &mut Captured| {
             cap.add(&b);
             let tx = tx.clone();
@@ -653,6 +654,12 @@ pub fn relay_response(resp: Response<Incoming>, rw: Rewrite, done: Done) -> Resp
                     }
                 }
             };
+            if hyper::body::Body::is_end_stream(&body) {
+                // The last piece: send it together with what the masker still holds, in one
+                // write instead of two.
+                last = out;
+                break;
+            }
             if !send(out, &mut cap).await {
                 error = Some("the client went away before the response ended".into());
                 break;
@@ -698,8 +705,9 @@ pub fn relay_response(resp: Response<Incoming>, rw: Rewrite, done: Done) -> Resp
                 }
             }
         };
-        if error.is_none() || !rest.is_empty() {
-            let _ = send(rest, &mut cap).await;
+        last.extend(rest);
+        if error.is_none() || !last.is_empty() {
+            let _ = send(last, &mut cap).await;
         }
         if let Some(e) = &error {
             // Tell the client the body is incomplete: hyper aborts the chunked body.
