@@ -906,3 +906,81 @@ async fn a_rust_hyper_client_gets_the_same_answers() -> Result<()> {
     assert!(!body.contains("hyper-upstream-key"));
     Ok(())
 }
+
+/// Anthropic's Messages API shape (x-api-key both ways): a secret split across
+/// `content_block_delta` events at every offset is masked; the text around it arrives intact.
+#[test]
+fn anthropic_message_streams_are_masked_across_deltas() -> Result<()> {
+    let env = setup()?;
+    let port = common::free_port();
+    let _llm = server(&[
+        py("llm_upstream.py").to_str().unwrap(),
+        "--port",
+        &port.to_string(),
+        "--key",
+        "anthropic-upstream-key",
+    ])?;
+    put_connection(
+        &env,
+        &[
+            "claude",
+            "--kind",
+            "llm",
+            "--address",
+            &format!("http://127.0.0.1:{port}"),
+            "-s",
+            "api_key=anthropic-upstream-key",
+            "-o",
+            "api_key_header=x-api-key",
+        ],
+    )?;
+    wait_served(&env, "/claude/v1/models")?;
+    let secret = "sk-ant-api03-AbCdEfGhIjKlMnOpQrStUvWxYz0123456789AbCdEfGhIjKlMnOpQrStUvWxYz0123456789AbCdEfGhIj-AAAA";
+    let reply = format!("token {secret} done");
+    let start = reply.find(secret).unwrap();
+    for k in [
+        start,
+        start + 1,
+        start + 7,
+        start + 20,
+        start + secret.len() / 2,
+        start + secret.len() - 1,
+    ] {
+        let body = serde_json::json!({
+            "model": "claude-3-5-haiku-latest", "max_tokens": 64, "stream": true,
+            "messages": [{"role": "user", "content": format!("REPLY:{}", serde_json::json!({"text": reply, "split": [k]}))}],
+        });
+        let r = curl(&[
+            "-N",
+            "-H",
+            &format!("x-api-key: {}", env.agent_token),
+            "-H",
+            "anthropic-version: 2023-06-01",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            &body.to_string(),
+            &format!("http://127.0.0.1:{}/claude/v1/messages", env.http_port),
+        ]);
+        assert_eq!(r.status, 200, "split {k}: {}", r.body);
+        let text: String = r
+            .body
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .filter(|v| v["type"] == "content_block_delta")
+            .filter_map(|v| v["delta"]["text"].as_str().map(str::to_string))
+            .collect();
+        assert!(!text.contains("sk-ant-"), "split {k} leaked: {text}");
+        assert!(
+            text.starts_with("token ") && text.ends_with(" done"),
+            "split {k}: {text}"
+        );
+        assert!(
+            text.contains("[REDACTED:anthropic_api_key]"),
+            "split {k}: {text}"
+        );
+        assert!(!r.body.contains("anthropic-upstream-key"));
+    }
+    Ok(())
+}
