@@ -4,6 +4,7 @@
 # directly, in interleaved rounds measured by `custos-loadtest http`.
 #   ./scripts/bench-http.sh [--seconds 10 --rounds 3 --connections 16 --out FILE]
 #   AUDIT=strict ./scripts/bench-http.sh …   (default async)
+#   UPSTREAM_DELAY_MS=5 ./scripts/bench-http.sh …   the upstream answers after 5 ms (default 0: from memory)
 # Needs: nats-server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +24,7 @@ port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); 
 wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; echo "nothing on port $1" >&2; exit 1; }
 
 NATS_PORT=$(port); CP_PORT=$(port); EDGE_PORT=$(port); UP_PORT=$(port)
-"$BIN/custos-loadtest" upstream --port "$UP_PORT" >/dev/null & pids+=($!)
+"$BIN/custos-loadtest" upstream --port "$UP_PORT" --delay-ms "${UPSTREAM_DELAY_MS:-0}" >/dev/null & pids+=($!)
 nats-server -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$work/nats" >/dev/null 2>&1 & pids+=($!)
 wait_port "$NATS_PORT"; wait_port "$UP_PORT"
 mkdir -p "$work/cp"
@@ -70,6 +71,6 @@ TOML
 CUSTOS_LOG=warn "$BIN/custos" edge --config "$work/edge.toml" 2>"$work/edge.log" & pids+=($!)
 wait_port "$EDGE_PORT"
 for _ in $(seq 100); do curl -sf -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$EDGE_PORT/bench/items" >/dev/null && break; sleep 0.1; done
-echo "audit_mode=$AUDIT"
+echo "audit_mode=$AUDIT upstream_delay_ms=${UPSTREAM_DELAY_MS:-0}"
 "$BIN/custos-loadtest" http --direct "http://127.0.0.1:$UP_PORT/items" \
   --edge "http://127.0.0.1:$EDGE_PORT/bench/items" --edge-header "Authorization: Bearer $TOKEN" "$@"

@@ -28,8 +28,9 @@ fn document() -> String {
     format!(r#"{{"page":1,"total":12,"items":[{}]}}"#, items.join(","))
 }
 
-/// Serve the fixed document on every path until killed.
-pub async fn upstream(port: u16) -> Result<()> {
+/// Serve the fixed document on every path until killed, after `delay` (a stand-in for the
+/// upstream's own work; 0 answers from memory).
+pub async fn upstream(port: u16, delay: Duration) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .with_context(|| format!("bind 127.0.0.1:{port}"))?;
@@ -43,6 +44,9 @@ pub async fn upstream(port: u16) -> Result<()> {
             let svc = hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
                 let body = body.clone();
                 async move {
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
                     Ok::<_, Infallible>(
                         Response::builder()
                             .header("content-type", "application/json")

@@ -43,6 +43,9 @@ enum Cmd {
     Upstream {
         #[arg(long, default_value_t = 0)]
         port: u16,
+        /// Answer after this many milliseconds (the upstream's own work).
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
     },
     /// Requests/s and latency, direct and through the edge, interleaved (scripts/bench-http.sh).
     Http {
@@ -357,7 +360,9 @@ async fn main() -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Upstream { port } => http_bench::upstream(port).await,
+        Cmd::Upstream { port, delay_ms } => {
+            http_bench::upstream(port, Duration::from_millis(delay_ms)).await
+        }
         Cmd::Http { opts, out } => {
             let table = http_bench::compare(&opts).await?;
             println!("{table}");
