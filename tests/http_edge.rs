@@ -19,6 +19,9 @@ permit (principal in Custos::Group::"agents", action == Custos::Action::"http:PO
 when { context.path like "/echo*" };
 @id("no-admin-api")
 forbid (principal, action in Custos::Action::"http:all", resource) when { context.path like "/admin*" };
+@id("not-against-production")
+forbid (principal, action in Custos::Action::"http:all", resource)
+when { context.headers.contains("x-env: production") };
 @id("agents-llm")
 permit (principal in Custos::Group::"agents", action in Custos::Action::"llm:all", resource);
 @id("no-cards-to-llms")
@@ -191,6 +194,8 @@ fn http_api_allowed_denied_masked_with_the_credential_injected() -> Result<()> {
             &format!("http://127.0.0.1:{port}"),
             "-o",
             "mask_paths=$.users[*].name",
+            "-o",
+            "policy_headers=x-env",
             "-s",
             "bearer_token=upstream-secret-token",
         ],
@@ -266,6 +271,16 @@ fn http_api_allowed_denied_masked_with_the_credential_injected() -> Result<()> {
     );
     let d = curl(&["-H", &auth, "-X", "DELETE", &format!("{base}/users/1")]);
     assert_eq!(d.status, 403, "{}", d.body);
+    // Selected headers are in the policy context.
+    let d = curl(&[
+        "-H",
+        &auth,
+        "-H",
+        "X-Env: production",
+        &format!("{base}/users"),
+    ]);
+    assert_eq!(d.status, 403, "{}", d.body);
+    assert!(d.body.contains("not-against-production"), "{}", d.body);
     let n = std::fs::read_to_string(&log)?.lines().count();
     assert_eq!(n, 4, "denied requests must not reach the upstream");
 

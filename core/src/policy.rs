@@ -125,11 +125,14 @@ namespace Custos {
   // HTTP.
   //   path   the request path ("/v1/users/42")
   //   route  the matched route template ("/v1/users/{id}"; "" when none matched)
-  //   query  the raw query string without "?" ("" when none)
+  //   query    the raw query string without "?" ("" when none)
+  //   headers  selected request headers as "name: value" (names lower-case): content-type, and
+  //            those the connection lists in its policy_headers option
   type HttpContext = {
     path: String,
     route: String,
     query: String,
+    headers: Set<String>,
   };
 
   // LLM APIs.

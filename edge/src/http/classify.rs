@@ -96,8 +96,38 @@ pub struct Judged {
 
 pub const HTTP_METHODS: &[&str] = &["GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE"];
 
-/// `http:<METHOD>` with path, matched route and query.
-pub fn classify_http(conn: &Connection, method: &str, path: &str, query: &str) -> Judged {
+/// The request headers policy sees: `content-type` and the connection's `policy_headers`, as
+/// `name: value` with lower-case names.
+pub fn policy_headers(conn: &Connection, headers: &hyper::HeaderMap) -> Vec<String> {
+    let mut names = vec!["content-type".to_string()];
+    if let Some(list) = conn.options.get("policy_headers") {
+        names.extend(
+            list.split(',')
+                .map(|n| n.trim().to_ascii_lowercase())
+                .filter(|n| !n.is_empty() && n != "authorization" && n != "x-api-key"),
+        );
+    }
+    let mut out = Vec::new();
+    for n in names {
+        for v in headers.get_all(n.as_str()) {
+            if let Ok(v) = v.to_str() {
+                out.push(format!("{n}: {}", v.trim()));
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// `http:<METHOD>` with path, matched route, query and selected headers.
+pub fn classify_http(
+    conn: &Connection,
+    method: &str,
+    path: &str,
+    query: &str,
+    headers: Vec<String>,
+) -> Judged {
     let routes = conn.options.get("routes").map(String::as_str).unwrap_or("");
     let route = match_route(routes.split(',').filter(|r| !r.trim().is_empty()), path)
         .unwrap_or("")
@@ -115,6 +145,7 @@ pub fn classify_http(conn: &Connection, method: &str, path: &str, query: &str) -
             ("path", Value::Str(path.to_string())),
             ("route", Value::Str(route)),
             ("query", Value::Str(query.to_string())),
+            ("headers", Value::Set(headers)),
         ],
         text: if query.is_empty() {
             format!("{method} {path}")

@@ -447,6 +447,7 @@ impl HttpEdge {
                 &method,
                 &routed.path,
                 &query,
+                classify::policy_headers(&conn, &parts.headers),
             )],
         };
         // Authorize.
