@@ -262,3 +262,146 @@ async fn a_pending_approval_survives_the_leader_and_is_approved_through_another_
     assert_eq!(rows.trim(), "2,3");
     Ok(())
 }
+
+/// An edge that dies while a command is held cancels the request when it comes back, instead of
+/// leaving it open until its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_edge_cancels_the_requests_it_left() -> Result<()> {
+    let nats = Nats::start()?;
+    let root = tempfile::tempdir()?;
+    let mut nodes = cluster(
+        root.path(),
+        &[1],
+        &[1],
+        &ClusterOpts {
+            nats_url: Some(nats.url()),
+            ..Default::default()
+        },
+    )?;
+    nodes[0].spawn()?;
+    let s1 = nodes[0].server();
+    let t0 = Instant::now();
+    while !cli(&s1, &["cluster", "status"]).1.contains("leader 1") {
+        assert!(t0.elapsed() < Duration::from_secs(20), "no leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pg = PgServer::start(&[])?;
+    let app_pw = app_database(&pg)?;
+    let policy = root.path().join("p.cedar");
+    std::fs::write(&policy, POLICY)?;
+    ok(&s1, &["policy", "apply", policy.to_str().unwrap()])?;
+    let secret = format!("password={app_pw}");
+    ok(
+        &s1,
+        &[
+            "connection",
+            "put",
+            "app",
+            "--kind",
+            "postgres",
+            "--address",
+            &pg.addr(),
+            "-o",
+            "database=app",
+            "-s",
+            "username=app",
+            "-s",
+            &secret,
+        ],
+    )?;
+    let agent = ok(
+        &s1,
+        &["token", "issue", "agent:reporter", "--group", "agents"],
+    )?
+    .trim()
+    .to_string();
+    let edge_token = ok(
+        &s1,
+        &["token", "issue", "edge", "--role", "edge", "--ttl", "24h"],
+    )?
+    .trim()
+    .to_string();
+    let port = free_port();
+    let cfg = root.path().join("edge.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[edge]\nid = \"edge-r\"\n[controlplane]\nservers = [\"{}\"]\ntoken = \"{edge_token}\"\nmax_backoff_ms = 300\n[bus.nats]\nurl = \"{}\"\n[postgres]\nlisten = \"127.0.0.1:{port}\"\nallow_insecure_password = true\n",
+            nodes[0].addr(),
+            nats.url()
+        ),
+    )?;
+    let start_edge = || -> Result<Proc> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(root.path().join("edge.log"))?;
+        let p = Proc(
+            Command::new(common::custos_bin())
+                .args(["edge", "--config"])
+                .arg(&cfg)
+                .env("CUSTOS_LOG", "info")
+                .stderr(Stdio::from(log))
+                .spawn()?,
+        );
+        wait_port(port, Duration::from_secs(20))?;
+        Ok(p)
+    };
+    let edge = start_edge()?;
+    let conninfo =
+        format!("host=127.0.0.1 port={port} dbname=app user=agent:reporter sslmode=disable");
+    let psql = |sql: &str| {
+        Background::spawn(
+            Command::new("psql")
+                .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
+                .arg(&conninfo)
+                .env("PGPASSWORD", &agent)
+                .env("PGCONNECT_TIMEOUT", "10")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        )
+    };
+    let t0 = Instant::now();
+    while psql("SELECT 1").finish(Duration::from_secs(15))?.0 != 0 {
+        assert!(t0.elapsed() < Duration::from_secs(20), "edge never served");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let held = psql("DELETE FROM canary WHERE id = 1");
+    let t0 = Instant::now();
+    let id = loop {
+        let (_, out, _) = cli(&s1, &["approvals", "list", "--state", "pending", "--json"]);
+        if let Some(line) = out.lines().find(|l| l.starts_with('{')) {
+            let v: serde_json::Value = serde_json::from_str(line)?;
+            break v["id"].as_str().unwrap().to_string();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(15), "no pending request");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // SIGKILL the edge: its client loses the connection; the request is still pending.
+    drop(edge);
+    let (code, _, _) = held.finish(Duration::from_secs(10))?;
+    assert_ne!(code, 0, "the client must see an error");
+    let get = |id: &str| -> serde_json::Value {
+        let (_, out, _) = cli(&s1, &["approvals", "get", id, "--json"]);
+        serde_json::from_str(&out).unwrap_or(serde_json::Value::Null)
+    };
+    assert_eq!(get(&id)["state"], "pending");
+    // The edge comes back and cancels what its previous run left.
+    let _edge = start_edge()?;
+    let t0 = Instant::now();
+    loop {
+        let a = get(&id);
+        if a["state"] == "cancelled" {
+            assert!(
+                a["comment"].as_str().unwrap_or("").contains("restarted"),
+                "{a}"
+            );
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(15), "not cancelled: {a}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rows = pg.psql_super("app", "SELECT count(*) FROM canary")?;
+    assert_eq!(rows.trim(), "3");
+    Ok(())
+}

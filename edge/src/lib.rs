@@ -91,6 +91,12 @@ impl Edge {
             ))
         });
         tokio::spawn(watch::run(setup.watch, cfg_tx, shutdown_rx.clone()));
+        tokio::spawn(cancel_orphans(
+            setup.id.clone(),
+            custos_core::events::now_unix_nano(),
+            cfg_rx.clone(),
+            approvals.clone(),
+        ));
         let services = Services {
             edge_id: setup.id.clone(),
             config: cfg_rx.clone(),
@@ -167,5 +173,33 @@ impl Edge {
 impl Drop for Edge {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+/// Requests this edge opened before it (re)started wait for commands that no longer exist:
+/// cancel them once the first configuration arrives, instead of letting them run to expiry.
+/// (Edge ids must be unique among running edges.)
+async fn cancel_orphans(
+    edge_id: String,
+    started: i64,
+    mut cfg: tokio_watch::Receiver<Arc<watch::EdgeConfig>>,
+    approvals: Arc<dyn ApprovalHook>,
+) {
+    let Ok(c) = cfg.wait_for(|c| c.synced).await.map(|c| c.clone()) else {
+        return;
+    };
+    for a in c.approvals.values() {
+        if a.state == "pending" && a.edge_id == edge_id && a.created_unix_nano < started {
+            let held = pipeline::Held {
+                approval_id: a.id.clone(),
+                approver_group: a.approver_group.clone(),
+                quorum: a.quorum,
+                expires_unix_nano: a.expires_unix_nano,
+            };
+            tracing::info!(approval = %a.id, "cancelling a request left by this edge's previous run");
+            approvals
+                .cancel(&held, "the edge restarted; the command was not run")
+                .await;
+        }
     }
 }
