@@ -22,6 +22,10 @@ pub struct DevArgs {
     /// The edge's HTTP/LLM/MCP listen address; "off" turns it off.
     #[arg(long, default_value = "127.0.0.1:18080")]
     pub http_listen: String,
+    /// Serve Prometheus metrics of the control plane and the edge at GET http://ADDR/metrics;
+    /// "off" serves none.
+    #[arg(long, default_value = "off")]
+    pub metrics_listen: String,
     /// Masking rules for the edge (a TOML file with a [masking] table; see docs/masking.md).
     #[arg(long)]
     pub masking: Option<PathBuf>,
@@ -83,6 +87,24 @@ pub async fn run(args: DevArgs) -> Result<()> {
     } else {
         None
     };
+    let (_metrics_stop, metrics_rx) = tokio::sync::watch::channel(false);
+    if args.metrics_listen != "off" {
+        let l = tokio::net::TcpListener::bind(&args.metrics_listen)
+            .await
+            .with_context(|| format!("--metrics-listen {}", args.metrics_listen))?;
+        let cp = node.metrics_renderer();
+        let ed = edge.as_ref().map(|e| e.metrics_renderer("dev"));
+        let render: std::sync::Arc<dyn Fn() -> String + Send + Sync> =
+            std::sync::Arc::new(move || {
+                let mut s = cp();
+                if let Some(e) = &ed {
+                    s.push_str(&e());
+                }
+                s
+            });
+        tokio::spawn(custos_core::metrics::serve(l, render, metrics_rx));
+        println!("  metrics        http://{}/metrics", args.metrics_listen);
+    }
     println!("custos dev is running (one node, in-process event bus)");
     println!("  control plane  http://{}", node.addr());
     if let Some(a) = edge.as_ref().and_then(|e| e.postgres_addr) {

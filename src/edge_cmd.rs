@@ -45,6 +45,7 @@ pub fn setup(cfg: &EdgeFileConfig, bus: Arc<dyn EventBus>) -> Result<EdgeSetup> 
         bus,
         postgres,
         http,
+        metrics: cfg.metrics.listen.clone().filter(|l| !l.is_empty()),
         masking: cfg.masking.clone(),
         oidc: cfg.oidc.clone(),
         approvals: None,

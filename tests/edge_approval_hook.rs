@@ -153,6 +153,7 @@ async fn the_approval_hook_holds_then_forwards_or_refuses() -> Result<()> {
             },
         )),
         http: None,
+        metrics: None,
         masking: Default::default(),
         oidc: None,
         approvals: Some(hook.clone()),

@@ -20,6 +20,14 @@ pub struct ControlPlaneConfig {
     pub slack: Option<crate::slack::SlackConfig>,
     /// Generic signed outgoing webhooks for approval requests.
     pub webhooks: Vec<crate::notify_task::WebhookConfig>,
+    /// Prometheus metrics at `GET http://<listen>/metrics` (docs/operations.md).
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub listen: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

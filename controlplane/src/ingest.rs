@@ -92,7 +92,29 @@ async fn term<S: EventSource + ?Sized>(
         };
         match res {
             Ok(resp) => {
-                if let Response::Ingested { parked, .. } = resp.data {
+                if let Response::Ingested {
+                    appended,
+                    duplicates,
+                    parked,
+                    ..
+                } = resp.data
+                {
+                    let m = &inner.metrics;
+                    m.add(
+                        "custos_ingest_events_total",
+                        &[("result", "appended")],
+                        appended,
+                    );
+                    m.add(
+                        "custos_ingest_events_total",
+                        &[("result", "duplicate")],
+                        duplicates,
+                    );
+                    m.add(
+                        "custos_ingest_events_total",
+                        &[("result", "parked")],
+                        parked,
+                    );
                     if parked > 0 {
                         tracing::warn!(
                             parked,
@@ -107,6 +129,9 @@ async fn term<S: EventSource + ?Sized>(
                 }
             }
             Err(e) => {
+                inner
+                    .metrics
+                    .inc("custos_ingest_commit_failures_total", &[]);
                 tracing::warn!(error = %e, "ingest commit failed; events will be redelivered");
                 for d in batch {
                     let _ = d.nack("control plane could not commit the event (leader change); it will be retried").await;

@@ -88,6 +88,7 @@ pub(crate) struct Inner {
     pub cluster_secret: String,
     pub advertise: String,
     pub client_tls: Option<ClientTls>,
+    pub metrics: Arc<custos_core::metrics::Metrics>,
 }
 
 /// A running control-plane node.
@@ -182,6 +183,16 @@ impl ControlPlane {
             advertise: advertise.clone(),
             client_tls,
             config: config.clone(),
+            metrics: {
+                let m = custos_core::metrics::Metrics::new();
+                m.describe("custos_ingest_events_total", "counter", "Bus events committed by this node as leader: appended, duplicate (dropped) or parked (malformed).");
+                m.describe(
+                    "custos_ingest_commit_failures_total",
+                    "counter",
+                    "Ingest batches whose Raft commit failed (they are redelivered).",
+                );
+                m
+            },
         });
 
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -193,6 +204,20 @@ impl ControlPlane {
             shutdown_rx.clone(),
         )));
 
+        if let Some(addr) = config.metrics.listen.as_ref().filter(|a| !a.is_empty()) {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Listen {
+                    addr: addr.clone(),
+                    source,
+                })?;
+            let i = inner.clone();
+            tasks.push(tokio::spawn(custos_core::metrics::serve(
+                l,
+                Arc::new(move || render_metrics(&i)),
+                shutdown_rx.clone(),
+            )));
+        }
         tasks.push(tokio::spawn(crate::approvals_svc::sweep(
             inner.clone(),
             shutdown_rx.clone(),
@@ -304,6 +329,12 @@ impl ControlPlane {
 
     pub fn store(&self) -> &Arc<Store> {
         &self.inner.store
+    }
+
+    /// A renderer of this node's metrics page (for a process that serves several).
+    pub fn metrics_renderer(&self) -> Arc<dyn Fn() -> String + Send + Sync> {
+        let i = self.inner.clone();
+        Arc::new(move || render_metrics(&i))
     }
 
     /// Commit a command through the leader (forwarding when this node is a follower).
@@ -443,4 +474,45 @@ pub(crate) fn items(deliveries: &[custos_core::bus::Delivery]) -> Vec<IngestItem
             bus_seq: 0,
         })
         .collect()
+}
+
+/// The node's metrics page: Raft state, the audit head, approvals and ingest counters.
+pub(crate) fn render_metrics(inner: &Inner) -> String {
+    let m = inner.raft.metrics().borrow().clone();
+    let role = format!("{:?}", m.state).to_lowercase();
+    let last_log = m.last_log_index.unwrap_or(0) as f64;
+    let applied = m.last_applied.map(|l| l.index).unwrap_or(0) as f64;
+    let leader = m.current_leader.unwrap_or(0) as f64;
+    let node = inner.id.to_string();
+    let n = || vec![("node", node.clone())];
+    let mut role_labels = n();
+    role_labels.push(("role", role));
+    inner.metrics.render(&[
+        ("custos_raft_role", role_labels, 1.0),
+        (
+            "custos_raft_is_leader",
+            n(),
+            if inner.is_leader() { 1.0 } else { 0.0 },
+        ),
+        ("custos_raft_leader_id", n(), leader),
+        ("custos_raft_term", n(), m.current_term as f64),
+        ("custos_raft_last_log_index", n(), last_log),
+        ("custos_raft_last_applied_index", n(), applied),
+        ("custos_raft_apply_lag", n(), (last_log - applied).max(0.0)),
+        (
+            "custos_audit_head_seq",
+            n(),
+            inner.store.audit_head().seq as f64,
+        ),
+        (
+            "custos_audit_parked",
+            n(),
+            inner.store.parked_count() as f64,
+        ),
+        (
+            "custos_approvals_pending",
+            n(),
+            inner.store.open_approvals().len() as f64,
+        ),
+    ])
 }

@@ -24,6 +24,7 @@ pub mod bus;
 pub mod classify;
 pub mod events;
 pub mod mask;
+pub mod metrics;
 pub mod oidc;
 pub mod policy;
 pub mod secrets;

@@ -43,6 +43,7 @@ pub struct EdgeFileConfig {
     pub bus: BusSection,
     pub postgres: PostgresSection,
     pub http: HttpSection,
+    pub metrics: MetricsSection,
     pub oidc: Option<OidcConfig>,
     pub masking: MaskConfig,
 }
@@ -121,6 +122,13 @@ impl Default for PostgresSection {
             allow_insecure_password: false,
         }
     }
+}
+
+/// `[metrics]`: Prometheus metrics at `GET http://<listen>/metrics` (docs/operations.md).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSection {
+    pub listen: Option<String>,
 }
 
 /// `[http]`: the HTTP, LLM and MCP listener (docs/http-llm-mcp.md).

@@ -51,6 +51,8 @@ pub struct EdgeSetup {
     pub postgres: Option<(String, pg::PgOptions)>,
     /// HTTP/LLM/MCP listen address and options; `None` disables the listener.
     pub http: Option<(String, http::HttpOptions)>,
+    /// Serve Prometheus metrics (`GET /metrics`) here; `None` serves none.
+    pub metrics: Option<String>,
     pub masking: MaskConfig,
     pub oidc: Option<OidcConfig>,
     /// The hold-for-approval step; `None` uses the control plane's Approvals service.
@@ -61,6 +63,7 @@ pub struct EdgeSetup {
 pub struct Edge {
     pub postgres_addr: Option<SocketAddr>,
     pub http_addr: Option<SocketAddr>,
+    pub metrics_addr: Option<SocketAddr>,
     pub config: tokio_watch::Receiver<Arc<watch::EdgeConfig>>,
     recorder: Recorder,
     shutdown: tokio_watch::Sender<bool>,
@@ -133,13 +136,43 @@ impl Edge {
             let edge = http::HttpEdge::new(services.clone(), opts).map_err(EdgeError::Config)?;
             tokio::spawn(edge.serve(listener, shutdown_rx.clone()));
         }
+        let mut metrics_addr = None;
+        if let Some(addr) = setup.metrics {
+            let listener =
+                tokio::net::TcpListener::bind(&addr)
+                    .await
+                    .map_err(|e| EdgeError::Listen {
+                        addr: addr.clone(),
+                        reason: e.to_string(),
+                    })?;
+            metrics_addr = listener.local_addr().ok();
+            let (rec, cfg, id) = (recorder.clone(), cfg_rx.clone(), setup.id.clone());
+            let render: Arc<dyn Fn() -> String + Send + Sync> =
+                Arc::new(move || render_metrics(&id, &rec, &cfg));
+            tokio::spawn(custos_core::metrics::serve(
+                listener,
+                render,
+                shutdown_rx.clone(),
+            ));
+        }
         Ok(Edge {
             postgres_addr,
             http_addr,
+            metrics_addr,
             config: cfg_rx,
             recorder,
             shutdown,
         })
+    }
+
+    /// A renderer of this edge's metrics page (for a process that serves several).
+    pub fn metrics_renderer(&self, edge_id: &str) -> Arc<dyn Fn() -> String + Send + Sync> {
+        let (rec, cfg, id) = (
+            self.recorder.clone(),
+            self.config.clone(),
+            edge_id.to_string(),
+        );
+        Arc::new(move || render_metrics(&id, &rec, &cfg))
     }
 
     /// Wait until the first configuration arrived (or `within` passed); true when synced.
@@ -202,4 +235,32 @@ async fn cancel_orphans(
                 .await;
         }
     }
+}
+
+/// The edge's metrics page: counters plus gauges read at scrape time.
+pub fn render_metrics(
+    edge_id: &str,
+    recorder: &Recorder,
+    cfg: &tokio_watch::Receiver<Arc<watch::EdgeConfig>>,
+) -> String {
+    let c = cfg.borrow().clone();
+    let pending = c
+        .approvals
+        .values()
+        .filter(|a| a.state == "pending" && a.edge_id == edge_id)
+        .count();
+    recorder.metrics.render(&[
+        (
+            "custos_edge_config_synced",
+            vec![],
+            if c.synced { 1.0 } else { 0.0 },
+        ),
+        ("custos_edge_config_revision", vec![], c.revision as f64),
+        (
+            "custos_edge_audit_queue",
+            vec![],
+            recorder.outstanding() as f64,
+        ),
+        ("custos_edge_approvals_pending", vec![], pending as f64),
+    ])
 }

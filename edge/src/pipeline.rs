@@ -462,6 +462,8 @@ pub struct Recorder {
     strict_timeout: Duration,
     /// Queued events not yet taken by the bus.
     outstanding: Arc<std::sync::atomic::AtomicUsize>,
+    /// This edge's Prometheus metrics (`custos_edge_*`).
+    pub metrics: Arc<custos_core::metrics::Metrics>,
 }
 
 impl Recorder {
@@ -500,11 +502,33 @@ impl Recorder {
                 }
             }
         });
+        let metrics = custos_core::metrics::Metrics::new();
+        metrics.describe(
+            "custos_edge_sessions_total",
+            "counter",
+            "Client sessions authenticated, by protocol.",
+        );
+        metrics.describe(
+            "custos_edge_commands_total",
+            "counter",
+            "Commands judged, by protocol and verdict.",
+        );
+        metrics.describe(
+            "custos_edge_bus_publish_seconds",
+            "histogram",
+            "Time for the bus to acknowledge a strict audit event.",
+        );
+        metrics.describe(
+            "custos_edge_bus_publish_failures_total",
+            "counter",
+            "Strict audit events the bus did not take (the command was refused).",
+        );
         Recorder {
             bus,
             tx,
             strict_timeout: Duration::from_secs(5),
             outstanding,
+            metrics,
         }
     }
 
@@ -524,13 +548,42 @@ impl Recorder {
 
     /// Publish and wait for the bus's acknowledgement.
     pub async fn strict(&self, ev: &Event) -> Result<(), BusError> {
-        match tokio::time::timeout(self.strict_timeout, self.bus.publish(ev)).await {
+        let t = std::time::Instant::now();
+        let r = match tokio::time::timeout(self.strict_timeout, self.bus.publish(ev)).await {
             Ok(r) => r.map(|_| ()),
             Err(_) => Err(BusError::Timeout {
                 what: "acknowledgement of the audit event".into(),
                 after: self.strict_timeout,
             }),
+        };
+        match &r {
+            Ok(()) => self.metrics.observe(
+                "custos_edge_bus_publish_seconds",
+                &[],
+                t.elapsed().as_secs_f64(),
+            ),
+            Err(_) => self
+                .metrics
+                .inc("custos_edge_bus_publish_failures_total", &[]),
         }
+        r
+    }
+
+    /// Count a judged command (`custos_edge_commands_total`).
+    pub fn count_command(&self, protocol: &str, verdict: &Verdict, approved: bool) {
+        let v = if approved {
+            "approved"
+        } else {
+            match verdict.outcome {
+                Outcome::Allow => "allow",
+                Outcome::Deny => "deny",
+                Outcome::Approval(_) => "pending_approval",
+            }
+        };
+        self.metrics.inc(
+            "custos_edge_commands_total",
+            &[("protocol", protocol), ("verdict", v)],
+        );
     }
 
     /// Queue for background publishing (ordered with other queued events).

@@ -198,6 +198,10 @@ impl HttpEdge {
             }
         };
         if first {
+            self.svc.recorder.metrics.inc(
+                "custos_edge_sessions_total",
+                &[("protocol", conn.kind.as_str())],
+            );
             let ev = origin.event(Payload::SessionStarted(SessionStarted {
                 protocol: conn.kind.clone(),
                 client_addr: sess.peer.to_string(),
@@ -592,6 +596,9 @@ impl HttpEdge {
                 c.verdict = PbVerdict::Approved as i32;
             }
         }
+        self.svc
+            .recorder
+            .count_command(&conn.kind, &verdict, approved);
         let recorded = self.svc.recorder.record(mode, ev).await;
         sess.commands.fetch_add(1, Ordering::Relaxed);
         if verdict.outcome == Outcome::Deny {

@@ -353,6 +353,9 @@ impl Login {
             identity: who.subject.clone(),
             connection: conn.name.clone(),
         };
+        svc.recorder
+            .metrics
+            .inc("custos_edge_sessions_total", &[("protocol", "postgres")]);
         let started = origin.event(Payload::SessionStarted(SessionStarted {
             protocol: "postgres".into(),
             client_addr: self.peer.to_string(),

@@ -564,6 +564,9 @@ impl ClientHalf<'_, '_> {
                 c.verdict = PbVerdict::Approved as i32;
             }
         }
+        r.services
+            .recorder
+            .count_command("postgres", &verdict, approved);
         let recorded = r.services.recorder.record(r.mode, ev).await;
         let deny = if verdict.outcome == Decided::Deny {
             let detail = if verdict.policies.is_empty() {
