@@ -46,7 +46,9 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("custos-fuzz-jwks-{}", std::process::id()));
+        // One fixed place (not one per process, which would litter the temp dir): every run
+        // writes the same bytes, and the verifier rereads the file on an unknown key id.
+        let dir = std::env::temp_dir().join("custos-fuzz-jwks");
         std::fs::create_dir_all(&dir).unwrap();
         let path: PathBuf = dir.join("jwks.json");
         let jwks = json!({"keys": [

@@ -195,11 +195,14 @@ pub fn survivors(masked: &str) -> Vec<(custos_core::mask::Detector, String)> {
         .find(masked)
         .into_iter()
         .filter(|f| !covered[f.start..f.end].iter().any(|&c| c))
-        // Known finding: a match glued to a masked one (no separator) is decided in the context
-        // of its neighbour and can survive (`-----END PRIVATE KEY-----bob@example.com`).
+        // Known finding: a match glued to a masked one (no separator, or one `.`/`-`) is decided
+        // in the context of its neighbour and can survive (`-----END PRIVATE KEY-----bob@x.com`).
         .filter(|f| {
-            let touches = (f.start > 0 && covered[f.start - 1])
-                || covered.get(f.end).copied().unwrap_or(false);
+            let near = |i: usize| covered.get(i).copied().unwrap_or(false);
+            let touches = (f.start >= 1 && near(f.start - 1))
+                || (f.start >= 2 && near(f.start - 2))
+                || near(f.end)
+                || near(f.end + 1);
             !(skip_known() && touches)
         })
         .map(|f| (f.detector, masked[f.start..f.end].to_string()))

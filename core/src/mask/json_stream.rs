@@ -881,6 +881,9 @@ pub struct JsonMasker {
     long: Option<StreamMasker>,
     text: Option<TextTail>,
     invalid: bool,
+    /// The body broke inside a value at a redacted path: nothing more is written (the value must
+    /// never appear, and where it ends is not known).
+    discard: bool,
     det: String,
     recs: Vec<Rec>,
     /// Replacements of labelled values completed in this push.
@@ -937,6 +940,7 @@ impl JsonMasker {
             carry: Vec::new(),
             pstates: Vec::new(),
             suppress: None,
+            discard: false,
             long: None,
             text: None,
             invalid: false,
@@ -953,6 +957,9 @@ impl JsonMasker {
     pub fn push(&mut self, chunk: &[u8], stats: &mut Stats) -> Vec<u8> {
         if self.clear {
             return chunk.to_vec();
+        }
+        if self.discard {
+            return Vec::new();
         }
         if let Some(t) = &mut self.text {
             return t.push(chunk, stats).into_bytes();
@@ -991,7 +998,7 @@ impl JsonMasker {
     /// End of body: returns the rest. If the input was not valid JSON, the rest is masked as text
     /// (never passed unmasked) and [`invalid`](Self::invalid) is true.
     pub fn finish(&mut self, stats: &mut Stats) -> Vec<u8> {
-        if self.clear {
+        if self.clear || self.discard {
             return Vec::new();
         }
         if let Some(t) = &mut self.text {
@@ -1034,6 +1041,11 @@ impl JsonMasker {
         self.invalid = true;
         self.carry.clear();
         self.tok = Tok::None;
+        if self.suppress.is_some() {
+            // Broken inside a value that must not be written: fail closed, drop the rest.
+            self.discard = true;
+            return out;
+        }
         let mut t = TextTail::new(StreamMasker::new(self.inner.clone(), false));
         out.extend_from_slice(t.push(rest, stats).as_bytes());
         self.text = Some(t);
@@ -2330,6 +2342,26 @@ mod tests {
             for secret in sample.secrets() {
                 prop_assert!(!s(&out).contains(secret));
             }
+        }
+    }
+
+    #[test]
+    fn a_redacted_value_never_leaks_when_the_body_breaks_inside_it() {
+        // fuzz/regressions/json_stream/token-field-leaks-on-control-char
+        let m = Masker::new(&MaskConfig::default()).unwrap();
+        let body: &[u8] =
+            b"{\"user\": \"bob\", \"token\": \"s3cr3t-v4lue-Zq9\x01\", \"note\": \"x\"}";
+        for chunk in [body.len(), 1, 7] {
+            let mut j = JsonMasker::new(m.scope("c", &[]), vec!["$.token".parse().unwrap()]);
+            let mut stats = Stats::default();
+            let mut out = Vec::new();
+            for c in body.chunks(chunk) {
+                out.extend(j.push(c, &mut stats));
+            }
+            out.extend(j.finish(&mut stats));
+            let text = String::from_utf8_lossy(&out);
+            assert!(!text.contains("s3cr3t"), "chunk {chunk}: {text}");
+            assert!(j.invalid());
         }
     }
 }
