@@ -676,6 +676,65 @@ impl Services {
     pub fn config(&self) -> Arc<EdgeConfig> {
         self.config.borrow().clone()
     }
+
+    /// Apply how a hold ended to the verdict, recording the use of a time-boxed grant.
+    /// Returns the approval id and whether an approval or grant let the command through.
+    pub async fn settle_approval(
+        &self,
+        mode: AuditMode,
+        origin: &Origin,
+        command_id: &str,
+        verdict: &mut Verdict,
+        out: ApprovalOutcome,
+    ) -> (String, bool) {
+        match out {
+            ApprovalOutcome::Approved { approval_id, .. } => {
+                verdict.outcome = Outcome::Allow;
+                (approval_id, true)
+            }
+            ApprovalOutcome::Granted {
+                grant_id,
+                approval_id,
+                kind,
+                record,
+            } => {
+                verdict.outcome = Outcome::Allow;
+                if record {
+                    let used =
+                        origin.event(Payload::GrantUsed(custos_core::proto::v1::GrantUsed {
+                            grant_id,
+                            approval_id: approval_id.clone(),
+                            kind,
+                            command_id: command_id.to_string(),
+                            action: verdict.action.clone(),
+                        }));
+                    if let Err(e) = self.recorder.record(mode, used).await {
+                        tracing::warn!(error = %e, "could not record a grant use");
+                    }
+                }
+                (approval_id, true)
+            }
+            ApprovalOutcome::Refused {
+                approval_id,
+                reason,
+            } => {
+                verdict.outcome = Outcome::Deny;
+                verdict.reason = reason;
+                (approval_id, false)
+            }
+        }
+    }
+}
+
+/// The refusal for a held command on a connection that does not wait (`approval_wait=refuse`).
+pub fn refused_at_once(verdict: &Verdict, held: &Held, connection: &str) -> ApprovalOutcome {
+    ApprovalOutcome::Refused {
+        reason: format!(
+            "{} needs approval {} and connection {connection} does not wait (approval_wait=refuse); run the same command again once it is approved",
+            verdict.action, held.approval_id
+        ),
+        approval_id: held.approval_id.clone(),
+    }
 }
 
 #[cfg(test)]

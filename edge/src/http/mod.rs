@@ -41,8 +41,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::pipeline::{
-    command_received, ActionRequest, ApprovalHook, ApprovalOutcome, ApprovalRequest, AuditMode,
-    Held, HoldStart, Identity, Outcome, Services, Verdict,
+    command_received, ActionRequest, ApprovalHook, ApprovalRequest, AuditMode, Held, HoldStart,
+    Identity, Outcome, Services, Verdict,
 };
 use classify::{Judged, McpMessage};
 
@@ -524,13 +524,9 @@ impl HttpEdge {
             let hook = self.svc.approvals.clone();
             let out = match hook.start(&areq).await {
                 HoldStart::Done(o) => o,
-                HoldStart::Held(held) if refuse_now => ApprovalOutcome::Refused {
-                    reason: format!(
-                        "{} needs approval {} and connection {} does not wait (approval_wait=refuse); send the same request again once it is approved",
-                        verdict.action, held.approval_id, conn.name
-                    ),
-                    approval_id: held.approval_id,
-                },
+                HoldStart::Held(held) if refuse_now => {
+                    crate::pipeline::refused_at_once(&verdict, &held, &conn.name)
+                }
                 HoldStart::Held(held) => {
                     // If the client goes away, hyper drops this future: the guard cancels.
                     let mut guard = CancelOnDrop {
@@ -542,44 +538,10 @@ impl HttpEdge {
                     o
                 }
             };
-            match out {
-                ApprovalOutcome::Approved { approval_id: a, .. } => {
-                    approved = true;
-                    approval_id = a;
-                    verdict.outcome = Outcome::Allow;
-                }
-                ApprovalOutcome::Granted {
-                    grant_id,
-                    approval_id: a,
-                    kind,
-                    record,
-                } => {
-                    approved = true;
-                    verdict.outcome = Outcome::Allow;
-                    if record {
-                        let used =
-                            origin.event(Payload::GrantUsed(custos_core::proto::v1::GrantUsed {
-                                grant_id,
-                                approval_id: a.clone(),
-                                kind,
-                                command_id: command_id.clone(),
-                                action: verdict.action.clone(),
-                            }));
-                        if let Err(e) = self.svc.recorder.record(mode, used).await {
-                            tracing::warn!(error = %e, "could not record a grant use");
-                        }
-                    }
-                    approval_id = a;
-                }
-                ApprovalOutcome::Refused {
-                    approval_id: a,
-                    reason,
-                } => {
-                    approval_id = a;
-                    verdict.outcome = Outcome::Deny;
-                    verdict.reason = reason;
-                }
-            }
+            (approval_id, approved) = self
+                .svc
+                .settle_approval(mode, &origin, &command_id, &mut verdict, out)
+                .await;
         }
         // Record the command (strict: acknowledged before anything is forwarded).
         let mut ev = command_received(
@@ -630,23 +592,17 @@ impl HttpEdge {
                     r
                 }
                 Err(e) => {
-                    self.complete(
-                        &origin,
-                        &command_id,
-                        started,
-                        0,
-                        Some(e.clone()),
-                        respond::Captured::default(),
-                        Stats::default(),
-                    )
-                    .await;
-                    return respond::problem(
-                        StatusCode::BAD_GATEWAY,
-                        "bad-connection",
-                        "Misconfigured connection",
-                        &e,
-                        json!({"command_id": command_id}),
-                    );
+                    return self
+                        .fail_forward(
+                            &origin,
+                            &command_id,
+                            started,
+                            StatusCode::BAD_GATEWAY,
+                            "bad-connection",
+                            "Misconfigured connection",
+                            e,
+                        )
+                        .await;
                 }
             };
         let resp = match tokio::time::timeout(
@@ -662,46 +618,34 @@ impl HttpEdge {
                     conn.name,
                     respond::error_chain(&e)
                 );
-                self.complete(
-                    &origin,
-                    &command_id,
-                    started,
-                    0,
-                    Some(why.clone()),
-                    respond::Captured::default(),
-                    Stats::default(),
-                )
-                .await;
-                return respond::problem(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream-unreachable",
-                    "Upstream unreachable",
-                    &why,
-                    json!({"command_id": command_id}),
-                );
+                return self
+                    .fail_forward(
+                        &origin,
+                        &command_id,
+                        started,
+                        StatusCode::BAD_GATEWAY,
+                        "upstream-unreachable",
+                        "Upstream unreachable",
+                        why,
+                    )
+                    .await;
             }
             Err(_) => {
                 let why = format!(
                     "upstream of connection {} sent no response within {:?}",
                     conn.name, self.opts.upstream_timeout
                 );
-                self.complete(
-                    &origin,
-                    &command_id,
-                    started,
-                    0,
-                    Some(why.clone()),
-                    respond::Captured::default(),
-                    Stats::default(),
-                )
-                .await;
-                return respond::problem(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream-timeout",
-                    "Upstream timed out",
-                    &why,
-                    json!({"command_id": command_id}),
-                );
+                return self
+                    .fail_forward(
+                        &origin,
+                        &command_id,
+                        started,
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream-timeout",
+                        "Upstream timed out",
+                        why,
+                    )
+                    .await;
             }
         };
         if let Some(client_side) = upgrade {
@@ -818,6 +762,32 @@ impl HttpEdge {
         *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         *r.headers_mut() = parts.headers;
         r
+    }
+
+    /// A command that was recorded but could not be forwarded: record its completion with the
+    /// reason, and answer with a problem document naming it.
+    #[allow(clippy::too_many_arguments)]
+    async fn fail_forward(
+        &self,
+        origin: &Origin,
+        command_id: &str,
+        started: Instant,
+        status: StatusCode,
+        slug: &str,
+        title: &str,
+        why: String,
+    ) -> Response<Body> {
+        self.complete(
+            origin,
+            command_id,
+            started,
+            0,
+            Some(why.clone()),
+            respond::Captured::default(),
+            Stats::default(),
+        )
+        .await;
+        respond::problem(status, slug, title, &why, json!({"command_id": command_id}))
     }
 
     /// Whether `who` may call `tool` on `conn` (for filtering tools/list).

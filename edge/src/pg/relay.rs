@@ -22,7 +22,7 @@ use custos_core::classify::{classify_with, ClassifyOptions, Statement};
 use custos_core::events::{new_id, Origin};
 use custos_core::mask::{Masked, Scope, Stats, StreamMasker};
 use custos_core::proto::v1::{
-    event::Payload, Classification, CommandCompleted, Connection, GrantUsed, Verdict as PbVerdict,
+    event::Payload, Classification, CommandCompleted, Connection, Verdict as PbVerdict,
 };
 use parking_lot::Mutex;
 use tokio::io::{ReadHalf, WriteHalf};
@@ -32,7 +32,7 @@ use super::catalog::Catalog;
 use super::upstream::{BoxIo, Target, Upstream};
 use super::wire::{self, Body, Reader, WireError, Writer};
 use crate::pipeline::{
-    command_received, option_usize, sql_reason, ActionRequest, ApprovalOutcome, ApprovalRequest,
+    command_received, option_usize, refused_at_once, sql_reason, ActionRequest, ApprovalRequest,
     AuditMode, HoldStart, Identity, Outcome as Decided, Services, Verdict,
 };
 
@@ -488,13 +488,7 @@ impl ClientHalf<'_, '_> {
                     let body = wire::error_body("NOTICE", "01000", &notice, None, None).freeze();
                     let _ = self.notices.send(body);
                     if refuse_now {
-                        ApprovalOutcome::Refused {
-                            reason: format!(
-                                "{} needs approval {} and connection {} does not wait (approval_wait=refuse); run the same command again once it is approved",
-                                verdict.action, held.approval_id, r.conn.name
-                            ),
-                            approval_id: held.approval_id.clone(),
-                        }
+                        refused_at_once(&verdict, &held, &r.conn.name)
                     } else {
                         // What the client sent before the held command goes on meanwhile.
                         self.up.flush().await?;
@@ -512,43 +506,10 @@ impl ClientHalf<'_, '_> {
                     }
                 }
             };
-            match out {
-                ApprovalOutcome::Approved { approval_id: a, .. } => {
-                    approved = true;
-                    approval_id = a;
-                    verdict.outcome = Decided::Allow;
-                }
-                ApprovalOutcome::Granted {
-                    grant_id,
-                    approval_id: a,
-                    kind,
-                    record,
-                } => {
-                    approved = true;
-                    verdict.outcome = Decided::Allow;
-                    if record {
-                        let used = r.origin.event(Payload::GrantUsed(GrantUsed {
-                            grant_id,
-                            approval_id: a.clone(),
-                            kind,
-                            command_id: id.clone(),
-                            action: verdict.action.clone(),
-                        }));
-                        if let Err(e) = r.services.recorder.record(r.mode, used).await {
-                            tracing::warn!(error = %e, "could not record a grant use");
-                        }
-                    }
-                    approval_id = a;
-                }
-                ApprovalOutcome::Refused {
-                    approval_id: a,
-                    reason,
-                } => {
-                    approval_id = a;
-                    verdict.outcome = Decided::Deny;
-                    verdict.reason = reason;
-                }
-            }
+            (approval_id, approved) = r
+                .services
+                .settle_approval(r.mode, &r.origin, &id, &mut verdict, out)
+                .await;
         }
         let mut ev = command_received(
             &r.origin,
