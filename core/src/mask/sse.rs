@@ -244,6 +244,11 @@ impl TextEvents {
                     out.extend_from_slice(&f.prefix);
                 }
                 out.extend_from_slice(&f.term);
+                // The stream ended inside this line: end it before the deferred lines, or the
+                // first of them would be read as the rest of the data line.
+                if f.term.is_empty() && !self.deferred.is_empty() {
+                    out.push(b'\n');
+                }
             }
             // Lines whose line break a replacement swallowed have no output line of their own.
             self.q.clear();
@@ -1142,6 +1147,60 @@ mod tests {
                 "event: a\ndata: key [REDACTED:aws_access_key_id] and\ndata: mail [REDACTED:email]\nid: 1\n\ndata: [REDACTED:openai_api_key]\n\n",
                 "cut at {cut}"
             );
+        }
+    }
+
+    /// The `data` payloads of `stream` as a client assembles them (lines split on `\n`, `\r\n`,
+    /// `\r`), including an event the stream ends inside.
+    fn payloads(stream: &str) -> Vec<String> {
+        let mut events = Vec::new();
+        let mut data: Option<String> = None;
+        for line in stream.split("\r\n").flat_map(|l| l.split(['\r', '\n'])) {
+            if line.is_empty() {
+                events.extend(data.take());
+                continue;
+            }
+            let (name, value) = line.split_once(':').unwrap_or((line, ""));
+            if name == "data" {
+                let value = value.strip_prefix(' ').unwrap_or(value);
+                match &mut data {
+                    Some(d) => {
+                        d.push('\n');
+                        d.push_str(value);
+                    }
+                    None => data = Some(value.to_string()),
+                }
+            }
+        }
+        events.extend(data);
+        events
+    }
+
+    #[test]
+    fn text_mode_stream_ending_inside_a_data_line_keeps_deferred_lines_apart() {
+        // Fuzz finding (regressions/sse_stream/eof-*): a line deferred while masked data was held
+        // was written straight after the last data line when the stream ended inside that line
+        // (no line end), so it became part of it: `data: yid: 7`.
+        let m = masker();
+        let cases = [
+            ("data\nt\ndata", "data\ndata\nt\n"),
+            ("data: x\nid: 7\ndata: y", "data: x\ndata: y\nid: 7\n"),
+            (
+                "data: key AKIAIOSFODNN7EXAMPL2\nid: 7\ndata: mail bob@example.com",
+                "data: key [REDACTED:aws_access_key_id]\ndata: mail [REDACTED:email]\nid: 7\n",
+            ),
+            ("data: x\r: ping\rdata: y", "data: x\rdata: y\n: ping\r"),
+        ];
+        for (input, want) in cases {
+            let expected: Vec<String> = payloads(input)
+                .iter()
+                .map(|p| m.mask_text(p, &mut Stats::default()).into_owned())
+                .collect();
+            for cut in 0..=input.len() {
+                let out = s(&run_cuts(&m, SseMode::Text, input.as_bytes(), &[cut]));
+                assert_eq!(out, want, "{input:?} cut at {cut}");
+                assert_eq!(payloads(&out), expected, "{input:?} cut at {cut}");
+            }
         }
     }
 
