@@ -153,11 +153,26 @@ pub(crate) struct Cand {
     pub mstart: usize,
     pub mend: usize,
     pub kind: Detector,
+    /// The trigger that found it (a literal anchor, an `@`, a digit-run start): its window is
+    /// read around this position.
+    pub trig: usize,
 }
 
 /// A window read needed bytes the stream has not delivered yet.
 #[derive(Debug)]
 pub(crate) struct Need;
+
+/// The stretch of text an analysis sees: bytes below `lo` read as "no byte" (the start of the
+/// text, or the end of a replaced match: the placeholder that will stand there stops every
+/// detector as the start of a text does), and so do bytes at or past `hi` (the end of the text,
+/// or the start of a replaced match), unless `more` is set, in which case reading them fails
+/// with [`Need`] (a stream that has not ended, or a verdict that must not depend on them).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Gap {
+    pub lo: usize,
+    pub hi: usize,
+    pub more: bool,
+}
 
 /// A bounded view of the text around one trigger. Reads below `lo` see "no byte" (as at the start
 /// of a text); reads at or past `hi` see "no byte" too, unless more bytes may still arrive, in
@@ -171,13 +186,13 @@ pub(crate) struct Win<'a> {
 }
 
 impl<'a> Win<'a> {
-    fn new(t: &'a [u8], at: usize, back: usize, fwd: usize, more: bool) -> Self {
+    fn new(t: &'a [u8], g: Gap, at: usize, back: usize, fwd: usize) -> Self {
         let end = at.saturating_add(fwd).saturating_add(1);
         Win {
             t,
-            lo: at.saturating_sub(back),
-            hi: end.min(t.len()),
-            more: more && end > t.len(),
+            lo: at.saturating_sub(back).max(g.lo),
+            hi: end.min(g.hi).min(t.len()),
+            more: g.more && end > g.hi.min(t.len()),
         }
     }
 
@@ -307,9 +322,13 @@ pub const JWT_CAP: usize = 8192;
 /// Cap of a PEM private key block (and of a service-account `private_key` value).
 pub const PEM_CAP: usize = 16384;
 const LABEL_READ_BACK: usize = 40;
+/// Longest `Basic` credential read.
+const BASIC_CAP: usize = 1024;
 const LABEL_FWD: usize = 512;
 const LABEL_VALUE_CAP: usize = 256;
 const URL_FWD: usize = 512;
+/// Longest authority (`user:password@host`) a URL password is looked for in.
+const URL_SCAN: usize = 256;
 
 /// A token with a literal prefix, confirmed by a full-match regex (and for some, more).
 struct TokenSpec {
@@ -581,6 +600,7 @@ pub(crate) struct Engine {
     email_on: bool,
     holdback: usize,
     ctx_keep: usize,
+    rfix: usize,
 }
 
 /// Literals of the two sets (for the "no literal is a prefix of another" check).
@@ -738,6 +758,36 @@ impl Engine {
             .unwrap_or(0)
             + 3;
         let ctx_keep = reach.iter().map(|(_, b)| *b).max().unwrap_or(0) + 2;
+        // How far before a replaced match a rejected candidate can start and still have read the
+        // match's first byte: the longest span of a detector whose verdict can change when the
+        // bytes after it become a placeholder (see `resolve`). PEM keys, service-account keys and
+        // JWT-capped values are left out: they do not turn from rejected to accepted when cut.
+        let mut rfix = 0;
+        for s in SPECS
+            .iter()
+            .filter(|s| on(s.kind) && s.kind != Detector::Jwt)
+        {
+            rfix = rfix.max(s.max_len + 2);
+        }
+        if on(Detector::UrlPassword) {
+            rfix = rfix.max(URL_SCAN + 8);
+        }
+        if on(Detector::HttpAuth) {
+            rfix = rfix.max(BASIC_CAP + 16);
+        }
+        if on(Detector::GenericSecret) || on(Detector::AwsSecretAccessKey) {
+            // label, its continuation, quotes, blanks and separator, then the value
+            rfix = rfix.max(LABEL_VALUE_CAP + 64);
+        }
+        if email_on {
+            rfix = rfix.max(EMAIL_FWD + 1);
+        }
+        if digits_on {
+            rfix = rfix.max(DIGIT_FWD + DIGIT_SPAN_BACK);
+        }
+        // After a push at most `holdback` bytes wait for their window; the candidates that may
+        // still change when a match after them is replaced add `rfix` and a match's reach back.
+        let holdback = holdback + rfix + EMAIL_SPAN_BACK + 4;
         Engine {
             enabled,
             sets,
@@ -748,6 +798,7 @@ impl Engine {
             email_on,
             holdback,
             ctx_keep,
+            rfix,
         }
     }
 
@@ -760,9 +811,16 @@ impl Engine {
         self.holdback
     }
 
-    /// Bytes of already-released text the stream keeps as look-behind context.
+    /// Bytes of already-released text the stream keeps as look-behind context (also the
+    /// farthest a window reads back from its trigger, plus 2).
     pub(crate) fn ctx_keep(&self) -> usize {
         self.ctx_keep
+    }
+
+    /// How far back from a replaced match's start the candidates are looked at again with the
+    /// match replaced (see `resolve`).
+    pub(crate) fn rfix(&self) -> usize {
+        self.rfix
     }
 
     /// Find every candidate whose trigger lies at or after `from`. When `more` is set (a stream
@@ -777,70 +835,108 @@ impl Engine {
         more: bool,
         out: &mut Vec<Cand>,
     ) -> usize {
+        let mut und = Vec::new();
+        let g = Gap {
+            lo: 0,
+            hi: text.len(),
+            more,
+        };
+        self.analyze_in(text, g, from, text.len(), out, &mut und);
+        und.iter().map(|u| u.1).min().unwrap_or(text.len())
+    }
+
+    /// The candidates of the triggers in `from..to` (a literal may end after `to`), seen through
+    /// the gap `g`. With `g.more`, the triggers whose window reads at or past `g.hi` go to `und`
+    /// as (trigger, lowest start of a match it could give) instead, and so do the matches that
+    /// may be starting in the last bytes when `to` and `g.hi` are the end of `text`.
+    pub(crate) fn analyze_in(
+        &self,
+        text: &[u8],
+        g: Gap,
+        from: usize,
+        to: usize,
+        out: &mut Vec<Cand>,
+        und: &mut Vec<(usize, usize)>,
+    ) {
         let n = text.len();
-        let mut frontier = n;
+        let to = to.min(n);
+        if from >= to {
+            return;
+        }
+        let at_end = g.more && to == n && g.hi >= n;
+        // A literal starting before `to` may end after it.
+        let span_end = to.saturating_add(self.max_lit).min(n);
         for set in &self.sets {
             // Restart one byte after each match: every occurrence is found, wherever the scan
             // starts (no literal is a prefix of another, so one match per start position).
             let mut at = from;
-            while let Some(m) = set.searcher.find_in(text, Span::from(at..n)) {
+            while let Some(m) = set.searcher.find_in(text, Span::from(at..span_end)) {
                 let t = m.start();
+                if t >= to {
+                    break;
+                }
                 let lit = &set.lits[m.pattern().as_usize()];
-                if self.eval_lit(text, t, lit, more, out).is_err() {
-                    frontier = frontier.min(t);
+                let k = out.len();
+                if self.eval_lit(text, g, t, lit, out).is_err() {
+                    und.push((t, t));
+                }
+                for c in &mut out[k..] {
+                    c.trig = t;
                 }
                 at = t + 1;
             }
         }
         if self.digits_on || self.email_on {
-            self.scan_bytes(text, from, more, out, &mut frontier);
+            self.scan_bytes(text, g, from, to, out, und);
         }
-        if more {
+        if at_end {
             // A literal may be starting in the last bytes.
             let kmax = (self.max_lit.saturating_sub(1)).min(n - from);
             for k in (1..=kmax).rev() {
                 if self.partials.contains(&text[n - k..]) {
-                    frontier = frontier.min(n - k);
+                    und.push((n, n - k));
                     break;
                 }
             }
             if self.email_on {
-                frontier = frontier.min(n - run_back(text, n, is_local, EMAIL_SPAN_BACK));
+                let back = run_back(text, n, is_local, EMAIL_SPAN_BACK).min(n - g.lo.min(n));
+                und.push((n, n - back));
             }
             if self.digits_on {
-                frontier = frontier.min(n - lead_back(text, n));
+                let back = lead_back(text, n).min(n - g.lo.min(n));
+                und.push((n, n - back));
             }
         }
-        frontier
     }
 
     fn scan_bytes(
         &self,
         text: &[u8],
+        g: Gap,
         from: usize,
-        more: bool,
+        to: usize,
         out: &mut Vec<Cand>,
-        frontier: &mut usize,
+        und: &mut Vec<(usize, usize)>,
     ) {
-        let n = text.len();
-        // Per-byte flags in bit 7 of each byte of a u64 word (SWAR). The two bytes before `from`
-        // seed the "previous byte" flags.
-        let mut prev = if from > 0 {
+        // Per-byte flags in bit 7 of each byte of a u64 word (SWAR). The bytes before `from` (not
+        // below the gap's start) seed the "previous byte" flags.
+        let mut prev = if from > g.lo {
             let mut w = [0u8; 8];
-            let k = from.min(8);
+            let k = (from - g.lo).min(8);
             w[8 - k..].copy_from_slice(&text[from - k..from]);
             word_flags(u64::from_le_bytes(w))
         } else {
             Flags::default()
         };
         let mut base = from;
-        while base < n {
-            let len = (n - base).min(8);
+        while base < to {
+            let len = (to - base).min(8);
             let word = match text.get(base..base + 8) {
                 Some(b) => u64::from_le_bytes(b.try_into().expect("8 bytes")),
                 None => {
                     let mut w = [0u8; 8];
-                    w[..len].copy_from_slice(&text[base..]);
+                    let avail = text.len() - base;
+                    w[..avail].copy_from_slice(&text[base..]);
                     u64::from_le_bytes(w)
                 }
             };
@@ -865,20 +961,30 @@ impl Engine {
             while ev != 0 {
                 let i = base + (ev.trailing_zeros() / 8) as usize;
                 ev &= ev - 1;
-                let w = Win::new(text, i, EMAIL_SPAN_BACK + 1, EMAIL_FWD, more);
+                let w = Win::new(text, g, i, EMAIL_SPAN_BACK + 1, EMAIL_FWD);
+                let k = out.len();
                 if self.eval_email(&w, i, out).is_err() {
-                    *frontier = (*frontier).min(i - run_back(text, i, is_local, EMAIL_SPAN_BACK));
+                    let back = run_back(text, i, is_local, EMAIL_SPAN_BACK).min(i - w.lo);
+                    und.push((i, i - back));
+                }
+                for c in &mut out[k..] {
+                    c.trig = i;
                 }
             }
             let mut ev = if self.digits_on { starts } else { 0 };
             while ev != 0 {
                 let i = base + (ev.trailing_zeros() / 8) as usize;
                 ev &= ev - 1;
-                if quick_skip(text, i) {
+                if quick_skip(text, g, i) {
                     continue;
                 }
-                if self.digit_run(text, i, more, out).is_err() {
-                    *frontier = (*frontier).min(i - lead_back(text, i));
+                let k = out.len();
+                if self.digit_run(text, g, i, out).is_err() {
+                    let back = lead_back(text, i).min(i - g.lo.min(i));
+                    und.push((i, i - back));
+                }
+                for c in &mut out[k..] {
+                    c.trig = i;
                 }
             }
             base += len;
@@ -888,14 +994,8 @@ impl Engine {
     /// A digit run starts at `d` and [`quick_skip`] did not rule it out: the cluster's shape
     /// decides which digit detectors are worth running.
     #[inline(never)]
-    fn digit_run(
-        &self,
-        text: &[u8],
-        d: usize,
-        more: bool,
-        out: &mut Vec<Cand>,
-    ) -> Result<(), Need> {
-        let w = Win::new(text, d, DIGIT_READ_BACK, DIGIT_FWD, more);
+    fn digit_run(&self, text: &[u8], g: Gap, d: usize, out: &mut Vec<Cand>) -> Result<(), Need> {
+        let w = Win::new(text, g, d, DIGIT_READ_BACK, DIGIT_FWD);
         let shape = if w.more {
             digit_shape(|i| w.at(i), d)?
         } else {
@@ -959,6 +1059,7 @@ impl Engine {
                 mstart,
                 mend,
                 kind,
+                trig: start,
             });
         }
     }
@@ -966,15 +1067,15 @@ impl Engine {
     fn eval_lit(
         &self,
         text: &[u8],
+        g: Gap,
         t: usize,
         lit: &Lit,
-        more: bool,
         out: &mut Vec<Cand>,
     ) -> Result<(), Need> {
         match lit.eval {
             Eval::Token(i) => {
                 let spec = &SPECS[i as usize];
-                let w = Win::new(text, t, 1, spec.max_len + 2, more);
+                let w = Win::new(text, g, t, 1, spec.max_len + 2);
                 self.eval_token(&w, t, lit.len, i as usize, out)
             }
             Eval::Sk => {
@@ -985,7 +1086,7 @@ impl Engine {
                         Detector::AnthropicApiKey | Detector::OpenaiApiKey
                     ) && self.is_on(spec.kind)
                     {
-                        let w = Win::new(text, t, 1, spec.max_len + 2, more);
+                        let w = Win::new(text, g, t, 1, spec.max_len + 2);
                         if self.eval_token(&w, t, lit.len, i, out).is_err() {
                             res = Err(Need);
                         }
@@ -993,17 +1094,15 @@ impl Engine {
                 }
                 res
             }
-            Eval::Pem => self.eval_pem(&Win::new(text, t, 0, PEM_CAP, more), t, out),
-            Eval::GcpSa => self.eval_gcp_sa(&Win::new(text, t, 1, PEM_CAP + 64, more), t, out),
-            Eval::UrlPw => self.eval_url(&Win::new(text, t, 1, URL_FWD, more), t, out),
+            Eval::Pem => self.eval_pem(&Win::new(text, g, t, 0, PEM_CAP), t, out),
+            Eval::GcpSa => self.eval_gcp_sa(&Win::new(text, g, t, 1, PEM_CAP + 64), t, out),
+            Eval::UrlPw => self.eval_url(&Win::new(text, g, t, 1, URL_FWD), t, out),
             Eval::Bearer => {
-                self.eval_bearer(&Win::new(text, t, 1, JWT_CAP + 16, more), t, lit.len, out)
+                self.eval_bearer(&Win::new(text, g, t, 1, JWT_CAP + 16), t, lit.len, out)
             }
-            Eval::Basic => {
-                self.eval_basic(&Win::new(text, t, 1, JWT_CAP + 16, more), t, lit.len, out)
-            }
+            Eval::Basic => self.eval_basic(&Win::new(text, g, t, 1, JWT_CAP + 16), t, lit.len, out),
             Eval::Label(fam) => self.eval_label(
-                &Win::new(text, t, LABEL_READ_BACK, LABEL_FWD, more),
+                &Win::new(text, g, t, LABEL_READ_BACK, LABEL_FWD),
                 t,
                 lit.len,
                 fam,
@@ -1173,7 +1272,7 @@ impl Engine {
         let mut j = ustart;
         let mut colon = None;
         let mut at = None;
-        while j - ustart < 256 {
+        while j - ustart < URL_SCAN {
             match w.at(j)? {
                 None => break,
                 Some(b)
@@ -1194,7 +1293,9 @@ impl Engine {
         let (Some(c), Some(a)) = (colon, at) else {
             return Ok(());
         };
-        if c + 1 >= a || !w.is(a + 1, |b| is_alnum(b) || b == b'[')? {
+        // The host: a name, a bracketed address, or nothing more (the text ends, or a replaced
+        // match follows: `user:pass@[REDACTED:…]` still shows the password).
+        if c + 1 >= a || w.at(a + 1)?.is_some_and(|b| !(is_alnum(b) || b == b'[')) {
             return Ok(());
         }
         self.push(out, Detector::UrlPassword, t, a + 1, c + 1, a);
@@ -1242,7 +1343,7 @@ impl Engine {
         }
         let vstart = skip_ws(w, t + lit_len, 4)?;
         let mut j = vstart;
-        while j - vstart < 1024 && w.is(j, is_b64std)? {
+        while j - vstart < BASIC_CAP && w.is(j, is_b64std)? {
             j += 1;
         }
         let value = &w.t[vstart..j];
@@ -1822,7 +1923,9 @@ fn scan_quoted(
     let mut inner_escape = false;
     while k < cap {
         match w.at(k)? {
-            None | Some(b'\n' | b'\r') => return Ok((k, false)),
+            // (An unescaped `\\` may have stepped past the end of the window.)
+            None => return Ok((k.min(w.hi), false)),
+            Some(b'\n' | b'\r') => return Ok((k, false)),
             Some(b'\\') if escaped => {
                 let inner = match w.at(k + 1)? {
                     Some(c) => c,
@@ -1945,8 +2048,8 @@ static CLASS: [u8; 256] = {
 /// letters (or two capitals and a space). Exactly the cases in which [`digit_shape`] gives
 /// `total < 7 && !letters`; it answers only when all the bytes it needs are present.
 #[inline(always)]
-fn quick_skip(text: &[u8], d: usize) -> bool {
-    if d < 3 || d + 17 > text.len() {
+fn quick_skip(text: &[u8], g: Gap, d: usize) -> bool {
+    if d < g.lo + 3 || d + 17 > g.hi.min(text.len()) {
         return false;
     }
     let word = u64::from_le_bytes(text[d + 1..d + 9].try_into().expect("8 bytes"));

@@ -14,10 +14,12 @@
 //! bytes; a longer one is masked in pieces by a [`StreamMasker`] over its decoded text).
 //!
 //! Detection sees the *decoded* string (escapes resolved), exactly as [`Scope::mask_text`] would
-//! see it. The decoded values completed in one push are analysed together, one engine pass per
-//! push rather than per string: they are joined by a separator (`"\n\0\n"`) that no detector
-//! reads across (labelled values stop at a line end, PEM bodies at `\0`, digit clusters and
-//! tokens at either); a match that still reached across is cut at the string's ends.
+//! see it. The decoded values completed in one push are collected in one buffer (joined by
+//! `"\n\0\n"`), and each is resolved on its own stretch of it: the detectors' windows stop at the
+//! value's ends, which they read as the start and end of a text. (An unclosed quote in a
+//! labelled value, `"password: \"hunter2"`, is masked to the end of the value, as `mask_text`
+//! does; when the next value's bytes were in reach, a line end in the separator used to make the
+//! label look unterminated, so the value passed when another string shared its push.)
 //!
 //! Keys are not masked (a secret used as a key passes). A key that looks like a secret label
 //! (`password`, `db_pwd`, `client_secret`, `api_key`, `private_key_id` …) is shown to the
@@ -889,6 +891,8 @@ pub struct JsonMasker {
     /// Replacements of labelled values completed in this push.
     fixed: String,
     cands: Vec<Cand>,
+    /// The candidates of each value in `cands` (`recs[i]` has `cands[spans[i].0..spans[i].1]`).
+    spans: Vec<(usize, usize)>,
     scratch: String,
 }
 
@@ -948,6 +952,7 @@ impl JsonMasker {
             recs: Vec::new(),
             fixed: String::new(),
             cands: Vec::new(),
+            spans: Vec::new(),
             scratch: String::new(),
         }
     }
@@ -1058,52 +1063,51 @@ impl JsonMasker {
             self.det.clear();
             return out;
         }
+        // Each value on its own, as `mask_text` sees it: the text starts and ends with it.
         self.cands.clear();
-        self.inner
-            .engine()
-            .analyze(self.det.as_bytes(), 0, false, &mut self.cands);
+        self.spans.clear();
+        let engine = self.inner.engine();
+        let det = self.det.as_bytes();
+        for rec in &self.recs {
+            let k = self.cands.len();
+            if !rec.fixed {
+                engine.resolve(
+                    &det[..rec.det_end],
+                    rec.det_start,
+                    rec.det_start,
+                    false,
+                    &mut self.cands,
+                );
+            }
+            self.spans.push((k, self.cands.len()));
+        }
         if self.cands.is_empty() && self.fixed.is_empty() && !self.recs.iter().any(|r| r.fixed) {
             self.det.clear();
             self.recs.clear();
             return out;
         }
-        select(&mut self.cands, 0, self.det.len());
         let mut res = Vec::with_capacity(out.len() + 64);
         let mut pos = 0;
-        let mut ci = 0;
         let mut counted = None;
-        for rec in &self.recs {
+        for (rec, &(a, b)) in self.recs.iter().zip(&self.spans) {
             self.scratch.clear();
             let hit = if rec.fixed {
                 self.scratch
                     .push_str(self.fixed.get(rec.det_start..rec.det_end).unwrap_or(""));
                 true
             } else {
-                // Candidates are sorted and disjoint: skip those that end before this value.
-                while ci < self.cands.len() && self.cands[ci].end <= rec.det_start {
-                    ci += 1;
-                }
-                let mut k = ci;
-                while k < self.cands.len() && self.cands[k].start < rec.det_end {
-                    k += 1;
-                }
-                let hit = k > ci
+                a < b
                     && render_value(
                         &self.inner,
                         &self.det,
                         rec.det_start,
                         rec.det_end,
-                        &self.cands[ci..k],
-                        ci,
+                        &self.cands[a..b],
+                        a,
                         &mut counted,
                         &mut self.scratch,
                         stats,
-                    );
-                // Keep a candidate that reaches into the next value.
-                while ci < k && self.cands[ci].end <= rec.det_end {
-                    ci += 1;
-                }
-                hit
+                    )
             };
             if hit {
                 res.extend_from_slice(out.get(pos..rec.out_start).unwrap_or(&[]));
@@ -1962,6 +1966,52 @@ mod tests {
             assert!(t.contains(r#""token_count": "12""#), "{t}");
             serde_json::from_slice::<serde_json::Value>(out).expect("valid JSON");
         });
+    }
+
+    #[test]
+    fn a_value_is_masked_alone_whatever_shares_its_push() {
+        // Fuzz finding (regressions/json_stream/unclosed-quote-*): a labelled secret with an
+        // unclosed quote is masked to the end of its value, as `mask_text` masks it; analysed
+        // together with the next value of the same push, the separator's line end made the label
+        // look unterminated and the value passed.
+        let m = masker();
+        let masked = |v: &str| m.mask_text(v, &mut Stats::default()).into_owned();
+        assert_eq!(
+            masked("password: \"hunter2xyz"),
+            "password: \"[REDACTED:generic_secret]"
+        );
+        for (input, values) in [
+            (
+                r#"["password: \"hunter2xyz", "another string here"]"#,
+                vec!["password: \"hunter2xyz", "another string here"],
+            ),
+            (
+                r#"["token:\"Al+ient_s", 4111111111111111]"#,
+                vec!["token:\"Al+ient_s", "4111111111111111"],
+            ),
+            (
+                r#"{"a": "secret='Zx8Qw2Lp9Rt4", "b": "ok", "c": "x@example.com"}"#,
+                vec!["secret='Zx8Qw2Lp9Rt4", "ok", "x@example.com"],
+            ),
+        ] {
+            every_split(&m, &[], input, |out| {
+                let v: serde_json::Value = serde_json::from_slice(out).expect("valid JSON");
+                let got: Vec<String> = match &v {
+                    serde_json::Value::Array(a) => a.iter().map(json_text).collect(),
+                    serde_json::Value::Object(o) => o.values().map(json_text).collect(),
+                    _ => unreachable!(),
+                };
+                let want: Vec<String> = values.iter().map(|x| masked(x)).collect();
+                assert_eq!(got, want, "{input}");
+            });
+        }
+    }
+
+    fn json_text(v: &serde_json::Value) -> String {
+        match v {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        }
     }
 
     #[test]

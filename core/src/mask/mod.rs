@@ -17,7 +17,8 @@
 //! for digit runs and `@`) and a confirmation (regex, checksum, structure) on a bounded window
 //! around each trigger only; see [`detect`] and `docs/masking.md`. Overlapping matches are
 //! resolved left to right: the earliest start wins, then the longest, then the detector order of
-//! [`Detector::ALL`].
+//! [`Detector::ALL`]; the text around a replaced match is then looked at again as it will be
+//! written, so that what a replacement uncovers is masked too (see [`resolve`]).
 //!
 //! [`Stats`] counts what was masked per detector; it never holds a value.
 
@@ -26,6 +27,7 @@ mod config;
 pub mod corpus;
 mod detect;
 mod json_stream;
+mod resolve;
 mod sse;
 mod stream;
 
@@ -207,8 +209,7 @@ impl Masker {
         let mut cands = Vec::new();
         self.inner
             .engine
-            .analyze(text.as_bytes(), 0, false, &mut cands);
-        select(&mut cands, 0, text.len());
+            .resolve(text.as_bytes(), 0, 0, false, &mut cands);
         cands
             .iter()
             .map(|c| Finding {
@@ -301,11 +302,12 @@ impl Scope<'_> {
             }
         }
         let mut cands = Vec::new();
-        inner.engine.analyze(value.as_bytes(), 0, false, &mut cands);
+        inner
+            .engine
+            .resolve(value.as_bytes(), 0, 0, false, &mut cands);
         if cands.is_empty() {
             return Masked::Unchanged;
         }
-        select(&mut cands, 0, value.len());
         if cands
             .iter()
             .any(|c| inner.strategies[c.kind.index()] == Strategy::Null)
@@ -337,11 +339,11 @@ impl Scope<'_> {
 impl Inner {
     fn mask_text<'t>(&self, text: &'t str, stats: &mut Stats) -> Cow<'t, str> {
         let mut cands = Vec::new();
-        self.engine.analyze(text.as_bytes(), 0, false, &mut cands);
+        self.engine
+            .resolve(text.as_bytes(), 0, 0, false, &mut cands);
         if cands.is_empty() {
             return Cow::Borrowed(text);
         }
-        select(&mut cands, 0, text.len());
         let mut out = String::with_capacity(self.rendered_len(text.len(), &cands));
         self.render(text, 0, text.len(), &cands, &mut out, stats);
         Cow::Owned(out)

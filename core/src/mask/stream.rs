@@ -22,7 +22,7 @@
 use std::sync::Arc;
 
 use super::detect::Cand;
-use super::{select, Inner, Stats};
+use super::{Inner, Stats};
 
 /// Masks a stream chunk by chunk; see the module documentation for the guarantees.
 pub struct StreamMasker {
@@ -32,6 +32,8 @@ pub struct StreamMasker {
     buf: String,
     /// Start of the pending text in `buf`.
     released: usize,
+    /// Start of the current gap: the end of the last replaced match (see `resolve`).
+    open: usize,
     cands: Vec<Cand>,
 }
 
@@ -51,6 +53,7 @@ impl StreamMasker {
             clear,
             buf: String::new(),
             released: 0,
+            open: 0,
             cands: Vec::new(),
         }
     }
@@ -72,6 +75,7 @@ impl StreamMasker {
         let out = self.step(false, stats);
         self.buf.clear();
         self.released = 0;
+        self.open = 0;
         out
     }
 
@@ -97,17 +101,28 @@ impl StreamMasker {
         }
         let engine = self.inner.engine();
         self.cands.clear();
-        let frontier = engine.analyze(self.buf.as_bytes(), from, more, &mut self.cands);
-        let mut frontier = frontier.clamp(from, n);
-        while !self.buf.is_char_boundary(frontier) {
-            frontier -= 1;
+        let text = self.buf.as_bytes();
+        let r = engine.resolve(text, self.open, from, more, &mut self.cands);
+        let mut upto = if more {
+            engine.hold(text, r.open, from, r.frontier)
+        } else {
+            n
+        };
+        upto = upto.clamp(from, n);
+        while !self.buf.is_char_boundary(upto) {
+            upto -= 1;
         }
-        select(&mut self.cands, from, frontier);
-        let upto = self.cands.last().map_or(frontier, |c| c.end.max(frontier));
+        // Every replaced match ends at or before the start of the open gap, which is decided.
+        debug_assert!(self
+            .cands
+            .iter()
+            .all(|c| c.mstart >= from && c.mend <= upto));
+        self.cands.retain(|c| c.mstart >= from && c.mend <= upto);
         let mut out = String::with_capacity(self.inner.rendered_len(upto - from, &self.cands));
         self.inner
             .render(&self.buf, from, upto, &self.cands, &mut out, stats);
         self.released = upto;
+        self.open = r.open.min(upto).max(self.open);
         // Drop released text beyond the look-behind context (in blocks, to move bytes rarely).
         let mut cut = self.released.saturating_sub(engine.ctx_keep());
         if cut >= 4096 || (cut > 0 && cut * 2 >= self.buf.len()) {
@@ -116,6 +131,7 @@ impl StreamMasker {
             }
             self.buf.drain(..cut);
             self.released -= cut;
+            self.open = self.open.saturating_sub(cut);
         }
         out
     }
