@@ -3,6 +3,7 @@
 
 pub mod edge;
 pub mod pg;
+pub mod proxy;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
