@@ -231,7 +231,15 @@ impl TextEvents {
 
     /// A blank line (`term`) ends the event: release everything.
     fn event_end(&mut self, term: &[u8], out: &mut Vec<u8>, stats: &mut Stats) {
+        let before = out.len();
         self.close_event(out, stats);
+        // What the event wrote last may end with a lone `\r` that the input did not have right
+        // before this blank line (a deferred line, or the line end of a data line that took the
+        // place of lines a replacement joined): followed by a `\n` it would read as one `\r\n`,
+        // and the blank line that ends the event would be lost.
+        if out.len() > before && out.last() == Some(&b'\r') && term.first() == Some(&b'\n') {
+            out.push(b'\n');
+        }
         out.extend_from_slice(term);
     }
 
@@ -1202,6 +1210,28 @@ mod tests {
                 assert_eq!(payloads(&out), expected, "{input:?} cut at {cut}");
             }
         }
+    }
+
+    #[test]
+    fn text_mode_lone_cr_before_the_blank_line_keeps_events_apart() {
+        // Fuzz finding (regressions/sse_stream/deferred-cr-line-joins-blank-line): a line ended
+        // by a lone `\r` that was deferred to the end of its event came right before the blank
+        // line's `\n`; a client read `\r\n` as one line end and joined the two events.
+        let m = masker();
+        let input = "data: mail bob@example.com\rretry: 10\rdata: y\n\ndata: z\n\n";
+        let expected: Vec<String> = payloads(input)
+            .iter()
+            .map(|p| m.mask_text(p, &mut Stats::default()).into_owned())
+            .collect();
+        assert_eq!(expected, ["mail [REDACTED:email]\ny", "z"]);
+        for cut in 0..=input.len() {
+            let out = s(&run_cuts(&m, SseMode::Text, input.as_bytes(), &[cut]));
+            assert_eq!(payloads(&out), expected, "cut at {cut}: {out:?}");
+        }
+        // A replacement that joins two data lines: the first line's lone `\r` ends the event.
+        let input = "data: key AKIAIOSFODNN7\rdata: EXAMPL2\r\n\ndata: z\n\n";
+        let out = s(&run_cuts(&m, SseMode::Text, input.as_bytes(), &[]));
+        assert_eq!(payloads(&out).len(), 2, "{out:?}");
     }
 
     #[test]
