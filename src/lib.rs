@@ -7,6 +7,7 @@ mod approvals_cmd;
 mod client;
 mod dev;
 mod edge_cmd;
+pub mod local_cluster;
 mod mask_cmd;
 mod render;
 pub mod replay;
@@ -74,6 +75,9 @@ pub enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Start the production topology on this machine: a 3-node NATS JetStream cluster, 3
+    /// control-plane nodes and 2 edges, as real processes on loopback ports, in one folder.
+    LocalCluster(local_cluster::LocalClusterArgs),
     /// Print a session's transcript: statements, verdicts, approvals, result excerpts, errors.
     Replay {
         session: String,
@@ -279,6 +283,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Dev(args) => dev::run(args).await.map(|_| 0),
         Command::Mask(args) => mask_cmd::run(args),
         Command::Edge { config } => edge_cmd::run(&config).await.map(|_| 0),
+        Command::LocalCluster(args) => local_cluster::run(args).await.map(|_| 0),
         Command::Replay { session, json } => {
             let mut c = Client::connect(&g).await?;
             let events = replay::records(&mut c, &session).await?;

@@ -89,6 +89,9 @@ pub(crate) struct Inner {
     pub advertise: String,
     pub client_tls: Option<ClientTls>,
     pub metrics: Arc<custos_core::metrics::Metrics>,
+    /// Events the bus holds for the ingest consumer as of the leader's last fetch; -1 when this
+    /// node is not ingesting or the bus cannot tell.
+    pub consumer_backlog: std::sync::atomic::AtomicI64,
 }
 
 /// A running control-plane node.
@@ -154,7 +157,11 @@ impl ControlPlane {
             election_timeout_max: config.cluster.election_timeout_max_ms,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.cluster.snapshot_every),
             max_in_snapshot_log_to_keep: config.cluster.keep_logs,
-            max_payload_entries: 64,
+            // openraft gives each AppendEntries the heartbeat interval to complete; with ingest
+            // entries of at most MAX_ENTRY_BYTES, a follower catching up gets at most 2 MiB per
+            // request (64 entries of 2000 events each once kept a restarted follower from ever
+            // catching up: every request timed out).
+            max_payload_entries: 8,
             ..Default::default()
         }
         .validate()
@@ -193,6 +200,7 @@ impl ControlPlane {
                 );
                 m
             },
+            consumer_backlog: std::sync::atomic::AtomicI64::new(-1),
         });
 
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -487,7 +495,10 @@ pub(crate) fn render_metrics(inner: &Inner) -> String {
     let n = || vec![("node", node.clone())];
     let mut role_labels = n();
     role_labels.push(("role", role));
-    inner.metrics.render(&[
+    let backlog = inner
+        .consumer_backlog
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let mut gauges = vec![
         ("custos_raft_role", role_labels, 1.0),
         (
             "custos_raft_is_leader",
@@ -514,5 +525,9 @@ pub(crate) fn render_metrics(inner: &Inner) -> String {
             n(),
             inner.store.open_approvals().len() as f64,
         ),
-    ])
+    ];
+    if backlog >= 0 {
+        gauges.push(("custos_bus_consumer_pending", n(), backlog as f64));
+    }
+    inner.metrics.render(&gauges)
 }

@@ -44,6 +44,9 @@ async fn ensure_stream(bus: &NatsBus, name: &str) -> Result<stream::Stream, Stri
             subjects: vec![format!("{AUDIT_SUBJECT_PREFIX}.>")],
             storage: stream::StorageType::File,
             duplicate_window: Duration::from_secs(120),
+            // As many replicas as the event stream: a 3-node NATS cluster keeps both streams
+            // through the loss of one server.
+            num_replicas: bus.config().replicas.max(1),
             ..Default::default()
         })
         .await

@@ -244,9 +244,19 @@ impl Store {
 
     /// Walk the whole local chain and report the first fault.
     pub fn verify(&self) -> VerifyOutcome {
+        // One snapshot for the records and the head: records applied while the walk runs must
+        // not make the head claim more than the walk saw.
+        let snap = self.db.snapshot();
+        let claimed_head = snap
+            .get_cf(self.cf(CF_SM), K_HEAD)
+            .ok()
+            .flatten()
+            .and_then(|v| bincode::deserialize::<AuditHead>(&v).ok())
+            .unwrap_or_default()
+            .seq;
         let mut v = ChainVerifier::new();
         let mut fault = None;
-        for item in self.db.iterator_cf(self.cf(CF_AUDIT), IteratorMode::Start) {
+        for item in snap.iterator_cf(self.cf(CF_AUDIT), IteratorMode::Start) {
             let (k, val) = match item {
                 Ok(kv) => kv,
                 Err(_) => {
@@ -260,7 +270,7 @@ impl Store {
             }
         }
         if fault.is_none() {
-            if let Err((seq, f)) = v.finish(self.audit_head().seq) {
+            if let Err((seq, f)) = v.finish(claimed_head) {
                 fault = Some((seq, f.as_str()));
             }
         }

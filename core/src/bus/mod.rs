@@ -153,6 +153,12 @@ pub trait EventSource: Send + 'static {
         max: usize,
         wait: Duration,
     ) -> BoxFuture<'_, Result<Vec<Delivery>, BusError>>;
+
+    /// Events the bus still holds for this consumer, as of the last fetch (the consumer lag);
+    /// `None` when the source cannot tell.
+    fn backlog(&self) -> Option<u64> {
+        None
+    }
 }
 
 impl<T: EventSource + ?Sized> EventSource for Box<T> {
@@ -162,6 +168,10 @@ impl<T: EventSource + ?Sized> EventSource for Box<T> {
         wait: Duration,
     ) -> BoxFuture<'_, Result<Vec<Delivery>, BusError>> {
         (**self).fetch(max, wait)
+    }
+
+    fn backlog(&self) -> Option<u64> {
+        (**self).backlog()
     }
 }
 

@@ -368,6 +368,7 @@ impl NatsBus {
             client: self.client.clone(),
             cfg: self.cfg.clone(),
             durable: durable.to_string(),
+            backlog: None,
         })
     }
 
@@ -536,6 +537,8 @@ pub struct NatsSource {
     client: async_nats::Client,
     cfg: Arc<NatsConfig>,
     durable: String,
+    /// Messages the server still had for this consumer after the last fetch.
+    backlog: Option<u64>,
 }
 
 impl std::fmt::Debug for NatsSource {
@@ -565,7 +568,7 @@ impl NatsSource {
         }
     }
 
-    async fn fetch_inner(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, BusError> {
+    async fn fetch_inner(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>, BusError> {
         if max == 0 {
             return Ok(Vec::new());
         }
@@ -581,24 +584,29 @@ impl NatsSource {
         let mut batch = match tokio::time::timeout_at(deadline, request.messages()).await {
             Err(_elapsed) => return Ok(Vec::new()),
             Ok(Err(e)) => {
+                self.backlog = None;
                 return Err(self.unavailable(format!(
                     "pulling from consumer {} of stream {}: {e}",
                     self.durable, self.cfg.stream
-                )))
+                )));
             }
             Ok(Ok(batch)) => batch,
         };
         let mut out = Vec::new();
+        let mut backlog = None;
         loop {
             match tokio::time::timeout_at(deadline, batch.next()).await {
                 Err(_) | Ok(None) => break,
-                Ok(Some(Ok(message))) => out.push(Delivery {
-                    data: message.payload.clone(),
-                    subject: message.subject.to_string(),
-                    acker: super::Acker::Nats(Box::new(Acker {
-                        message,
-                        cfg: self.cfg.clone(),
-                    })),
+                Ok(Some(Ok(message))) => out.push({
+                    backlog = message.info().ok().map(|i| i.pending);
+                    Delivery {
+                        data: message.payload.clone(),
+                        subject: message.subject.to_string(),
+                        acker: super::Acker::Nats(Box::new(Acker {
+                            message,
+                            cfg: self.cfg.clone(),
+                        })),
+                    }
                 }),
                 Ok(Some(Err(e))) => {
                     // A status from the server ending the pull (e.g. 409 leadership change or
@@ -615,10 +623,13 @@ impl NatsSource {
             }
         }
         if out.is_empty() && self.client.connection_state() != State::Connected {
+            self.backlog = None;
             return Err(self.unavailable(
                 "not connected to the server (the client keeps reconnecting)".into(),
             ));
         }
+        // An empty answer to a waiting pull means nothing was pending.
+        self.backlog = if out.is_empty() { Some(0) } else { backlog };
         Ok(out)
     }
 }
@@ -630,6 +641,10 @@ impl EventSource for NatsSource {
         wait: Duration,
     ) -> BoxFuture<'_, Result<Vec<Delivery>, BusError>> {
         Box::pin(self.fetch_inner(max, wait))
+    }
+
+    fn backlog(&self) -> Option<u64> {
+        self.backlog
     }
 }
 
