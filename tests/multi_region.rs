@@ -16,9 +16,9 @@
 //!    one completion) on every node, sequences are gapless, `custos audit verify` passes on every
 //!    node with one head hash; the edge follows the control plane again.
 //!
-//! A second test (ignored: it fails today) shows a product bug: a partition that leaves the
-//! edge's configuration stream half-open is never noticed, so the edge serves its old
-//! configuration for good after the link is back.
+//! A second test covers a partition that leaves the edge's configuration stream half-open: the
+//! edge must notice it (HTTP/2 keepalive) and follow the control plane again after the heal. It
+//! exposed a bug, since fixed: without keepalive the edge served its old configuration for good.
 
 mod common;
 
@@ -600,6 +600,7 @@ async fn simulate() -> Result<()> {
         tokio::spawn(async move {
             let mut max_queue = 0f64;
             let mut synced_all_along = true;
+            let mut stream_down_seen = false;
             while !stop.load(Ordering::Relaxed) {
                 if let Some(q) = edge_gauge(metrics_port, "custos_edge_audit_queue").await {
                     max_queue = max_queue.max(q);
@@ -607,9 +608,12 @@ async fn simulate() -> Result<()> {
                 if edge_gauge(metrics_port, "custos_edge_config_synced").await != Some(1.0) {
                     synced_all_along = false;
                 }
+                if edge_gauge(metrics_port, "custos_edge_config_stream_up").await == Some(0.0) {
+                    stream_down_seen = true;
+                }
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            (max_queue, synced_all_along)
+            (max_queue, synced_all_along, stream_down_seen)
         })
     };
     // A command that needs approval: the approvals service is out of reach (fail closed).
@@ -669,7 +673,12 @@ async fn simulate() -> Result<()> {
     );
     let stream = stream.await?;
     stop.store(true, Ordering::Relaxed);
-    let (max_queue, synced_all_along) = monitor.await?;
+    let (max_queue, synced_all_along, stream_down_seen) = monitor.await?;
+    // Serving from the cached configuration is visible: the stream is reported down.
+    ensure!(
+        stream_down_seen,
+        "custos_edge_config_stream_up never showed 0 during the cut"
+    );
     for p in links.iter().chain([&nats_link]) {
         p.heal();
     }
@@ -960,13 +969,10 @@ async fn simulate() -> Result<()> {
 /// notice and reconnect, or it serves its old configuration for good: here a token revoked
 /// after the heal must be refused by region B.
 ///
-/// Today the edge never notices: the watch stream has no HTTP/2 keepalive, no TCP keepalive and
-/// no idle timeout (`edge/src/watch.rs` `follow`: `tonic::transport::Endpoint` with only a
-/// connect timeout, which bounds the TCP connect but not the HTTP/2 handshake or the stream),
-/// and the control plane sends nothing on an idle stream (`controlplane/src/grpc.rs` `watch`).
-/// The edge keeps reporting `custos_edge_config_synced 1`. Run with `--ignored`.
+/// Before the fix the edge never noticed: the watch stream had no HTTP/2 keepalive, no TCP
+/// keepalive and no idle timeout, and the control plane sends nothing on an idle stream. Now the
+/// edge's endpoint (`edge/src/watch.rs` `endpoint`) PINGs every 5 s and gives up after 5 s more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "exposes a product bug: a half-open configuration stream is never noticed (docs/multi-region.md, What is weak)"]
 async fn an_edge_notices_a_configuration_stream_a_partition_left_half_open() -> Result<()> {
     match tokio::time::timeout(Duration::from_secs(150), half_open()).await {
         Ok(r) => r,

@@ -23,7 +23,7 @@ use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use sha2::Digest;
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::pipeline::{ApprovalHook, ApprovalOutcome, ApprovalRequest, Held, HoldStart};
 use crate::watch::{EdgeConfig, WatchOptions};
@@ -57,15 +57,7 @@ impl ControlPlaneApprovals {
             return Ok(c.clone());
         }
         let url = crate::watch::server_url(&self.opts.servers[i], self.opts.tls.is_some());
-        let mut ep = Endpoint::from_shared(url)
-            .map_err(|e| e.to_string())?
-            .connect_timeout(Duration::from_secs(2));
-        if let Some(tls) = &self.opts.tls {
-            ep = ep
-                .tls_config(tls.clone())
-                .map_err(|e| format!("TLS configuration: {e}"))?;
-        }
-        let c = ep.connect_lazy();
+        let c = crate::watch::endpoint(&url, self.opts.tls.as_ref())?.connect_lazy();
         ch.0[i] = Some(c.clone());
         Ok(c)
     }

@@ -257,6 +257,11 @@ pub fn render_metrics(
         ),
         ("custos_edge_config_revision", vec![], c.revision as f64),
         (
+            "custos_edge_config_stream_up",
+            vec![],
+            if c.stream_up { 1.0 } else { 0.0 },
+        ),
+        (
             "custos_edge_audit_queue",
             vec![],
             recorder.outstanding() as f64,

@@ -16,6 +16,10 @@ use tokio::sync::watch;
 pub struct EdgeConfig {
     pub revision: u64,
     pub synced: bool,
+    /// The configuration stream is up: the last message came over a stream that is still open
+    /// (HTTP/2 keepalive notices a dead one within ~10 s). False while the edge serves from the
+    /// last configuration it had.
+    pub stream_up: bool,
     pub policy: Option<PolicySet>,
     pub connections: BTreeMap<String, Connection>,
     pub tokens: BTreeMap<String, TokenRecord>,
@@ -36,6 +40,7 @@ impl EdgeConfig {
             Some(Body::Snapshot(s)) => EdgeConfig {
                 revision: 0,
                 synced: true,
+                stream_up: true,
                 policy: s.policy,
                 connections: s
                     .connections
@@ -82,6 +87,7 @@ impl EdgeConfig {
             None => self.clone(),
         };
         next.revision = msg.revision;
+        next.stream_up = true;
         next
     }
 }
@@ -108,6 +114,35 @@ pub(crate) fn server_url(s: &str, tls: bool) -> String {
     }
 }
 
+/// HTTP/2 PING interval toward the control plane, and how long an unanswered PING may wait: a
+/// connection that went silent (a partition that leaves TCP half-open) is noticed within their sum
+/// instead of never.
+const KEEPALIVE: Duration = Duration::from_secs(5);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on connecting (TCP, TLS and the HTTP/2 handshake) and on the first answer to a call.
+pub(crate) const CALL_SETUP: Duration = Duration::from_secs(10);
+
+/// The endpoint every gRPC connection of the edge to a control-plane node uses: bounded connect,
+/// TCP keepalive and HTTP/2 keepalive PINGs, also while idle.
+pub(crate) fn endpoint(
+    server: &str,
+    tls: Option<&tonic::transport::ClientTlsConfig>,
+) -> Result<tonic::transport::Endpoint, String> {
+    let mut ep = tonic::transport::Endpoint::from_shared(server.to_string())
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_keepalive(Some(Duration::from_secs(10)))
+        .http2_keep_alive_interval(KEEPALIVE)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true);
+    if let Some(tls) = tls {
+        ep = ep
+            .tls_config(tls.clone())
+            .map_err(|e| format!("TLS configuration: {e}"))?;
+    }
+    Ok(ep)
+}
+
 /// Follow the control plane until `shutdown` fires. The receiver always holds the last good
 /// configuration; a lost stream is retried with exponential backoff across all servers.
 pub async fn run(
@@ -127,6 +162,13 @@ pub async fn run(
             _ = shutdown.changed() => return,
             r = follow(&opts, &server, &tx) => r,
         };
+        if tx.borrow().stream_up {
+            tx.send_modify(|c| {
+                let mut next = (**c).clone();
+                next.stream_up = false;
+                *c = Arc::new(next);
+            });
+        }
         match res {
             Ok(()) => backoff = Duration::from_millis(100),
             Err(e) => {
@@ -146,17 +188,10 @@ async fn follow(
     server: &str,
     tx: &watch::Sender<Arc<EdgeConfig>>,
 ) -> Result<(), String> {
-    let mut ep = tonic::transport::Endpoint::from_shared(server.to_string())
-        .map_err(|e| e.to_string())?
-        .connect_timeout(Duration::from_secs(2));
-    if let Some(tls) = &opts.tls {
-        ep = ep
-            .tls_config(tls.clone())
-            .map_err(|e| format!("TLS configuration: {e}"))?;
-    }
-    let ch = ep
-        .connect()
+    let ep = endpoint(server, opts.tls.as_ref())?;
+    let ch = tokio::time::timeout(CALL_SETUP, ep.connect())
         .await
+        .map_err(|_| format!("cannot connect: no handshake within {CALL_SETUP:?}"))?
         .map_err(|e| format!("cannot connect: {e}"))?;
     let mut client = EdgeSyncClient::new(ch);
     let mut req = tonic::Request::new(WatchRequest {
@@ -166,9 +201,9 @@ async fn follow(
         .parse()
         .map_err(|_| "token is not valid header text".to_string())?;
     req.metadata_mut().insert("authorization", bearer);
-    let mut stream = client
-        .watch(req)
+    let mut stream = tokio::time::timeout(CALL_SETUP, client.watch(req))
         .await
+        .map_err(|_| format!("no answer to the configuration stream within {CALL_SETUP:?}"))?
         .map_err(|s| s.message().to_string())?
         .into_inner();
     while let Some(msg) = stream
