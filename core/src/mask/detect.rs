@@ -174,15 +174,70 @@ pub(crate) struct Gap {
     pub more: bool,
 }
 
+/// An evaluated trigger: where it is, what it is, and how far its verdict read.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Trig {
+    pub t: usize,
+    /// `read - t` (see [`Trig::read`]; windows are shorter than 64 KiB).
+    read_d: u16,
+    /// `t - pstart` (matches start at most 64 bytes before their trigger).
+    pstart_d: u8,
+    what: What,
+}
+
+impl Trig {
+    fn new(t: usize, read: usize, pstart: usize, what: What) -> Trig {
+        debug_assert!(read.saturating_sub(t) <= usize::from(u16::MAX) && t - pstart <= 255);
+        Trig {
+            t,
+            read_d: u16::try_from(read.saturating_sub(t)).unwrap_or(u16::MAX),
+            pstart_d: u8::try_from(t - pstart).unwrap_or(u8::MAX),
+            what,
+        }
+    }
+
+    /// One past the farthest byte its window read: replacing bytes from there on cannot change
+    /// its verdict.
+    pub fn read(&self) -> usize {
+        self.t + usize::from(self.read_d)
+    }
+
+    /// The lowest start of a match it can give.
+    pub fn pstart(&self) -> usize {
+        self.t - usize::from(self.pstart_d)
+    }
+
+    /// A literal anchor (not an `@` or a digit-run start).
+    pub fn is_literal(&self) -> bool {
+        matches!(self.what, What::Lit(..))
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum What {
+    /// Literal `pat` of set `set`.
+    Lit(u8, u16),
+    Email,
+    Digits,
+}
+
+/// The farthest an `@` reads after itself (its window).
+pub(crate) const AT_REACH: usize = EMAIL_FWD + 1;
+/// The farthest a digit-run start reads after itself (its window).
+pub(crate) const DIGIT_REACH: usize = DIGIT_FWD + 1;
+
 /// A bounded view of the text around one trigger. Reads below `lo` see "no byte" (as at the start
 /// of a text); reads at or past `hi` see "no byte" too, unless more bytes may still arrive, in
 /// which case they fail with [`Need`].
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub(crate) struct Win<'a> {
     t: &'a [u8],
     lo: usize,
     hi: usize,
     more: bool,
+    /// One past the farthest byte read (reads below `lo` aside): how far the verdict depends on
+    /// the text.
+    seen: std::cell::Cell<usize>,
 }
 
 impl<'a> Win<'a> {
@@ -193,14 +248,25 @@ impl<'a> Win<'a> {
             lo: at.saturating_sub(back).max(g.lo),
             hi: end.min(g.hi).min(t.len()),
             more: g.more && end > g.hi.min(t.len()),
+            seen: std::cell::Cell::new(at),
+        }
+    }
+
+    /// Note a read of byte `i`.
+    #[inline]
+    fn note(&self, i: usize) {
+        if i >= self.seen.get() {
+            self.seen.set(i + 1);
         }
     }
 
     #[inline]
     fn at(&self, i: usize) -> Result<Option<u8>, Need> {
         if i < self.lo {
-            Ok(None)
-        } else if i < self.hi {
+            return Ok(None);
+        }
+        self.note(i);
+        if i < self.hi {
             Ok(Some(self.t[i]))
         } else if self.more {
             Err(Need)
@@ -841,14 +907,18 @@ impl Engine {
             hi: text.len(),
             more,
         };
-        self.analyze_in(text, g, from, text.len(), out, &mut und);
+        self.analyze_in(text, g, from, text.len(), out, &mut und, &mut Vec::new());
         und.iter().map(|u| u.1).min().unwrap_or(text.len())
     }
 
-    /// The candidates of the triggers in `from..to` (a literal may end after `to`), seen through
-    /// the gap `g`. With `g.more`, the triggers whose window reads at or past `g.hi` go to `und`
-    /// as (trigger, lowest start of a match it could give) instead, and so do the matches that
-    /// may be starting in the last bytes when `to` and `g.hi` are the end of `text`.
+    /// The candidates of the triggers in `from..to` (a literal must end by `g.hi`), seen through
+    /// the gap `g`. The literal triggers evaluated go to `recs`, and with `g.more` the `@` and
+    /// digit-run triggers too (a stream needs them all for [`Engine::hold`]; a whole text has
+    /// many, and looks at those before a match again by scanning [`BYTE_REACH`] bytes). With
+    /// `g.more`, the triggers whose window reads at or past `g.hi` go to `und` as (trigger,
+    /// lowest start of a match it could give) instead, and so do the matches that may be
+    /// starting in the last bytes when `to` and `g.hi` are the end of `text`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn analyze_in(
         &self,
         text: &[u8],
@@ -857,16 +927,17 @@ impl Engine {
         to: usize,
         out: &mut Vec<Cand>,
         und: &mut Vec<(usize, usize)>,
+        recs: &mut Vec<Trig>,
     ) {
-        let n = text.len();
+        let n = text.len().min(g.hi);
         let to = to.min(n);
         if from >= to {
             return;
         }
-        let at_end = g.more && to == n && g.hi >= n;
+        let at_end = g.more && to == n && n == text.len();
         // A literal starting before `to` may end after it.
         let span_end = to.saturating_add(self.max_lit).min(n);
-        for set in &self.sets {
+        for (si, set) in self.sets.iter().enumerate() {
             // Restart one byte after each match: every occurrence is found, wherever the scan
             // starts (no literal is a prefix of another, so one match per start position).
             let mut at = from;
@@ -875,19 +946,13 @@ impl Engine {
                 if t >= to {
                     break;
                 }
-                let lit = &set.lits[m.pattern().as_usize()];
-                let k = out.len();
-                if self.eval_lit(text, g, t, lit, out).is_err() {
-                    und.push((t, t));
-                }
-                for c in &mut out[k..] {
-                    c.trig = t;
-                }
+                let what = What::Lit(si as u8, m.pattern().as_usize() as u16);
+                recs.extend(self.eval_trig(text, g, t, t, what, out, und));
                 at = t + 1;
             }
         }
         if self.digits_on || self.email_on {
-            self.scan_bytes(text, g, from, to, out, und);
+            self.scan_bytes(text, g, from, to, out, und, recs);
         }
         if at_end {
             // A literal may be starting in the last bytes.
@@ -909,6 +974,106 @@ impl Engine {
         }
     }
 
+    /// Evaluate the trigger `what` at `t` (lowest start of its matches: `pstart`) in the gap
+    /// `g`: its candidates go to `out` and its record is returned, or, when its window is
+    /// incomplete, it goes to `und`.
+    #[allow(clippy::too_many_arguments)]
+    fn eval_trig(
+        &self,
+        text: &[u8],
+        g: Gap,
+        t: usize,
+        pstart: usize,
+        what: What,
+        out: &mut Vec<Cand>,
+        und: &mut Vec<(usize, usize)>,
+    ) -> Option<Trig> {
+        let k = out.len();
+        let (res, read) = match what {
+            What::Lit(si, p) => {
+                let lit = &self.sets[usize::from(si)].lits[usize::from(p)];
+                self.eval_lit(text, g, t, lit, out)
+            }
+            What::Email => {
+                let w = Win::new(text, g, t, EMAIL_SPAN_BACK + 1, EMAIL_FWD);
+                let res = self.eval_email(&w, t, out);
+                (res, w.seen.get())
+            }
+            What::Digits => self.digit_run(text, g, t, out),
+        };
+        if res.is_err() {
+            out.truncate(k);
+            und.push((t, pstart));
+            return None;
+        }
+        for c in &mut out[k..] {
+            c.trig = t;
+        }
+        Some(Trig::new(t, read, pstart, what))
+    }
+
+    /// Evaluate a recorded trigger again in the gap `g`.
+    pub(crate) fn reeval(
+        &self,
+        text: &[u8],
+        g: Gap,
+        tr: &Trig,
+        out: &mut Vec<Cand>,
+        recs: &mut Vec<Trig>,
+    ) {
+        let mut und = Vec::new();
+        let pstart = tr.pstart().max(g.lo);
+        if let What::Digits = tr.what {
+            if quick_skip(text, g, tr.t) {
+                return;
+            }
+        }
+        recs.extend(self.eval_trig(text, g, tr.t, pstart, tr.what, out, &mut und));
+        debug_assert!(und.is_empty(), "re-evaluated in a closed gap");
+    }
+
+    /// The `@` triggers in `at_from..to` and the digit-run triggers in `digit_from..to`
+    /// (`at_from <= digit_from`), as [`Engine::analyze_in`] finds them.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn analyze_bytes(
+        &self,
+        text: &[u8],
+        g: Gap,
+        at_from: usize,
+        digit_from: usize,
+        to: usize,
+        out: &mut Vec<Cand>,
+        und: &mut Vec<(usize, usize)>,
+    ) {
+        let to = to.min(text.len()).min(g.hi);
+        if self.email_on {
+            for i in (at_from..digit_from.min(to)).filter(|&i| text[i] == b'@') {
+                let back = run_back(text, i, is_local, EMAIL_SPAN_BACK).min(i - g.lo.min(i));
+                self.eval_trig(text, g, i, i - back, What::Email, out, und);
+            }
+        }
+        if (self.digits_on || self.email_on) && digit_from < to {
+            self.scan_bytes(text, g, digit_from, to, out, und, &mut Vec::new());
+        }
+    }
+
+    /// The literal triggers of `recs` evaluated again in the gap `g` (their candidates to `out`,
+    /// their new records to `fresh`).
+    pub(crate) fn reeval_literals(
+        &self,
+        text: &[u8],
+        g: Gap,
+        recs: &[Trig],
+        out: &mut Vec<Cand>,
+        und: &mut Vec<(usize, usize)>,
+        fresh: &mut Vec<Trig>,
+    ) {
+        for r in recs.iter().filter(|r| r.is_literal()) {
+            fresh.extend(self.eval_trig(text, g, r.t, r.t, r.what, out, und));
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn scan_bytes(
         &self,
         text: &[u8],
@@ -917,6 +1082,7 @@ impl Engine {
         to: usize,
         out: &mut Vec<Cand>,
         und: &mut Vec<(usize, usize)>,
+        recs: &mut Vec<Trig>,
     ) {
         // Per-byte flags in bit 7 of each byte of a u64 word (SWAR). The bytes before `from` (not
         // below the gap's start) seed the "previous byte" flags.
@@ -955,37 +1121,35 @@ impl Engine {
                 & !p1(f.digit, prev.digit)
                 & !p1(f.lower, prev.lower)
                 & !(p1(f.numsep, prev.numsep) & p2(f.digit, prev.digit));
-            let ats = f.at;
+            let ats = if self.email_on { f.at } else { 0 };
+            let starts = if self.digits_on { starts } else { 0 };
             prev = f;
-            let mut ev = if self.email_on { ats } else { 0 };
+            // In position order (the records then come sorted). Only a stream needs the lowest
+            // start of their matches (for its frontier) and their records.
+            let mut ev = ats | starts;
             while ev != 0 {
-                let i = base + (ev.trailing_zeros() / 8) as usize;
+                let bit = ev.trailing_zeros();
+                let i = base + (bit / 8) as usize;
                 ev &= ev - 1;
-                let w = Win::new(text, g, i, EMAIL_SPAN_BACK + 1, EMAIL_FWD);
-                let k = out.len();
-                if self.eval_email(&w, i, out).is_err() {
-                    let back = run_back(text, i, is_local, EMAIL_SPAN_BACK).min(i - w.lo);
-                    und.push((i, i - back));
-                }
-                for c in &mut out[k..] {
-                    c.trig = i;
-                }
-            }
-            let mut ev = if self.digits_on { starts } else { 0 };
-            while ev != 0 {
-                let i = base + (ev.trailing_zeros() / 8) as usize;
-                ev &= ev - 1;
-                if quick_skip(text, g, i) {
+                let what = if ats & (1u64 << bit) != 0 {
+                    What::Email
+                } else if quick_skip(text, g, i) {
+                    // A skipped run stays skipped with fewer bytes after it (its cluster only
+                    // gets shorter), so it needs no record.
+                    continue;
+                } else {
+                    What::Digits
+                };
+                if !g.more {
+                    self.eval_trig(text, g, i, i, what, out, und);
                     continue;
                 }
-                let k = out.len();
-                if self.digit_run(text, g, i, out).is_err() {
-                    let back = lead_back(text, i).min(i - g.lo.min(i));
-                    und.push((i, i - back));
-                }
-                for c in &mut out[k..] {
-                    c.trig = i;
-                }
+                let back = match what {
+                    What::Email => run_back(text, i, is_local, EMAIL_SPAN_BACK),
+                    _ => lead_back(text, i),
+                };
+                let pstart = i - back.min(i - g.lo.min(i));
+                recs.extend(self.eval_trig(text, g, i, pstart, what, out, und));
             }
             base += len;
         }
@@ -994,51 +1158,72 @@ impl Engine {
     /// A digit run starts at `d` and [`quick_skip`] did not rule it out: the cluster's shape
     /// decides which digit detectors are worth running.
     #[inline(never)]
-    fn digit_run(&self, text: &[u8], g: Gap, d: usize, out: &mut Vec<Cand>) -> Result<(), Need> {
+    fn digit_run(
+        &self,
+        text: &[u8],
+        g: Gap,
+        d: usize,
+        out: &mut Vec<Cand>,
+    ) -> (Result<(), Need>, usize) {
         let w = Win::new(text, g, d, DIGIT_READ_BACK, DIGIT_FWD);
+        let res = self.digit_run_in(&w, text, d, out);
+        (res, w.seen.get())
+    }
+
+    fn digit_run_in(
+        &self,
+        w: &Win,
+        text: &[u8],
+        d: usize,
+        out: &mut Vec<Cand>,
+    ) -> Result<(), Need> {
         let shape = if w.more {
             digit_shape(|i| w.at(i), d)?
         } else {
             // The window is complete: the same parse with plain reads.
             let (lo, hi) = (w.lo, w.hi);
+            let last = std::cell::Cell::new(d);
             let read = |i: usize| -> Result<Option<u8>, Need> {
+                last.set(last.get().max(i));
                 Ok((lo..hi).contains(&i).then(|| text[i]))
             };
-            digit_shape(read, d)?
+            let shape = digit_shape(read, d)?;
+            w.note(last.get());
+            shape
         };
         if shape.letters {
             if self.is_on(Detector::Iban) {
-                self.eval_iban(&w, d, out)?;
+                self.eval_iban(w, d, out)?;
             }
             if self.is_on(Detector::UkNino) {
-                self.eval_nino(&w, d, out)?;
+                self.eval_nino(w, d, out)?;
             }
         }
         if shape.total < 7 && !shape.letters {
             return Ok(());
         }
         // The groups of an IBAN (valid or not) are not card, phone or id numbers.
-        if in_spaced_iban(&w, d)? {
+        if in_spaced_iban(w, d)? {
             return Ok(());
         }
         let lead = w.prev(d)?;
         if self.is_on(Detector::EsDni)
             && (shape.g1 == 8 || (shape.g1 == 7 && matches!(lead, Some(b'X' | b'Y' | b'Z'))))
         {
-            self.eval_dni(&w, d, out)?;
+            self.eval_dni(w, d, out)?;
         }
         if self.is_on(Detector::UsSsn) && shape.g1 == 3 && shape.total >= 9 {
-            self.eval_ssn(&w, d, out)?;
+            self.eval_ssn(w, d, out)?;
         }
         if self.is_on(Detector::CreditCard) && shape.total >= 13 {
-            self.eval_card(&w, d, out)?;
+            self.eval_card(w, d, out)?;
         }
         if self.is_on(Detector::Phone)
             && ((lead == Some(b'+') && shape.total >= 8)
                 || (shape.g1 == 3 && shape.total >= 10)
                 || (text[d] == b'0' && shape.total >= 10))
         {
-            self.eval_phone(&w, d, out)?;
+            self.eval_phone(w, d, out)?;
         }
         Ok(())
     }
@@ -1064,6 +1249,7 @@ impl Engine {
         }
     }
 
+    /// Evaluate a literal anchor at `t`. Also returns one past the farthest byte read.
     fn eval_lit(
         &self,
         text: &[u8],
@@ -1071,15 +1257,12 @@ impl Engine {
         t: usize,
         lit: &Lit,
         out: &mut Vec<Cand>,
-    ) -> Result<(), Need> {
-        match lit.eval {
-            Eval::Token(i) => {
-                let spec = &SPECS[i as usize];
-                let w = Win::new(text, g, t, 1, spec.max_len + 2);
-                self.eval_token(&w, t, lit.len, i as usize, out)
-            }
+    ) -> (Result<(), Need>, usize) {
+        let (back, fwd) = match lit.eval {
+            Eval::Token(i) => (1, SPECS[i as usize].max_len + 2),
             Eval::Sk => {
                 let mut res = Ok(());
+                let mut read = t;
                 for (i, spec) in SPECS.iter().enumerate() {
                     if matches!(
                         spec.kind,
@@ -1090,25 +1273,29 @@ impl Engine {
                         if self.eval_token(&w, t, lit.len, i, out).is_err() {
                             res = Err(Need);
                         }
+                        read = read.max(w.seen.get());
                     }
                 }
-                res
+                return (res, read);
             }
-            Eval::Pem => self.eval_pem(&Win::new(text, g, t, 0, PEM_CAP), t, out),
-            Eval::GcpSa => self.eval_gcp_sa(&Win::new(text, g, t, 1, PEM_CAP + 64), t, out),
-            Eval::UrlPw => self.eval_url(&Win::new(text, g, t, 1, URL_FWD), t, out),
-            Eval::Bearer => {
-                self.eval_bearer(&Win::new(text, g, t, 1, JWT_CAP + 16), t, lit.len, out)
-            }
-            Eval::Basic => self.eval_basic(&Win::new(text, g, t, 1, JWT_CAP + 16), t, lit.len, out),
-            Eval::Label(fam) => self.eval_label(
-                &Win::new(text, g, t, LABEL_READ_BACK, LABEL_FWD),
-                t,
-                lit.len,
-                fam,
-                out,
-            ),
-        }
+            Eval::Pem => (0, PEM_CAP),
+            Eval::GcpSa => (1, PEM_CAP + 64),
+            Eval::UrlPw => (1, URL_FWD),
+            Eval::Bearer | Eval::Basic => (1, JWT_CAP + 16),
+            Eval::Label(_) => (LABEL_READ_BACK, LABEL_FWD),
+        };
+        let w = Win::new(text, g, t, back, fwd);
+        let res = match lit.eval {
+            Eval::Token(i) => self.eval_token(&w, t, lit.len, i as usize, out),
+            Eval::Pem => self.eval_pem(&w, t, out),
+            Eval::GcpSa => self.eval_gcp_sa(&w, t, out),
+            Eval::UrlPw => self.eval_url(&w, t, out),
+            Eval::Bearer => self.eval_bearer(&w, t, lit.len, out),
+            Eval::Basic => self.eval_basic(&w, t, lit.len, out),
+            Eval::Label(fam) => self.eval_label(&w, t, lit.len, fam, out),
+            Eval::Sk => unreachable!("handled above"),
+        };
+        (res, w.seen.get())
     }
 
     /// Does the whole of `tok` satisfy token spec `i` (regex and extra checks)?

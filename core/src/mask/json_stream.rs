@@ -40,7 +40,7 @@
 use std::str::FromStr;
 use std::sync::Arc;
 
-use super::detect::Cand;
+use super::detect::{Cand, Trig};
 use super::{select, Detector, Inner, Scope, Stats, StreamMasker};
 
 /// Longest numeric token that is held (and checked for a card number); longer ones pass through.
@@ -893,6 +893,7 @@ pub struct JsonMasker {
     cands: Vec<Cand>,
     /// The candidates of each value in `cands` (`recs[i]` has `cands[spans[i].0..spans[i].1]`).
     spans: Vec<(usize, usize)>,
+    recs_scratch: Vec<Trig>,
     scratch: String,
 }
 
@@ -953,6 +954,7 @@ impl JsonMasker {
             fixed: String::new(),
             cands: Vec::new(),
             spans: Vec::new(),
+            recs_scratch: Vec::new(),
             scratch: String::new(),
         }
     }
@@ -1077,6 +1079,7 @@ impl JsonMasker {
                     rec.det_start,
                     false,
                     &mut self.cands,
+                    &mut self.recs_scratch,
                 );
             }
             self.spans.push((k, self.cands.len()));

@@ -209,7 +209,7 @@ impl Masker {
         let mut cands = Vec::new();
         self.inner
             .engine
-            .resolve(text.as_bytes(), 0, 0, false, &mut cands);
+            .resolve(text.as_bytes(), 0, 0, false, &mut cands, &mut Vec::new());
         cands
             .iter()
             .map(|c| Finding {
@@ -304,7 +304,7 @@ impl Scope<'_> {
         let mut cands = Vec::new();
         inner
             .engine
-            .resolve(value.as_bytes(), 0, 0, false, &mut cands);
+            .resolve(value.as_bytes(), 0, 0, false, &mut cands, &mut Vec::new());
         if cands.is_empty() {
             return Masked::Unchanged;
         }
@@ -340,7 +340,7 @@ impl Inner {
     fn mask_text<'t>(&self, text: &'t str, stats: &mut Stats) -> Cow<'t, str> {
         let mut cands = Vec::new();
         self.engine
-            .resolve(text.as_bytes(), 0, 0, false, &mut cands);
+            .resolve(text.as_bytes(), 0, 0, false, &mut cands, &mut Vec::new());
         if cands.is_empty() {
             return Cow::Borrowed(text);
         }

@@ -21,7 +21,7 @@
 
 use std::sync::Arc;
 
-use super::detect::Cand;
+use super::detect::{Cand, Trig};
 use super::{Inner, Stats};
 
 /// Masks a stream chunk by chunk; see the module documentation for the guarantees.
@@ -35,6 +35,8 @@ pub struct StreamMasker {
     /// Start of the current gap: the end of the last replaced match (see `resolve`).
     open: usize,
     cands: Vec<Cand>,
+    /// The triggers evaluated in the last gap (see `Engine::hold`).
+    recs: Vec<Trig>,
 }
 
 impl std::fmt::Debug for StreamMasker {
@@ -55,6 +57,7 @@ impl StreamMasker {
             released: 0,
             open: 0,
             cands: Vec::new(),
+            recs: Vec::new(),
         }
     }
 
@@ -102,9 +105,9 @@ impl StreamMasker {
         let engine = self.inner.engine();
         self.cands.clear();
         let text = self.buf.as_bytes();
-        let r = engine.resolve(text, self.open, from, more, &mut self.cands);
+        let r = engine.resolve(text, self.open, from, more, &mut self.cands, &mut self.recs);
         let mut upto = if more {
-            engine.hold(text, r.open, from, r.frontier)
+            engine.hold(&self.recs, r.open, from, r.frontier)
         } else {
             n
         };
