@@ -17,6 +17,7 @@ mod approvals_bench;
 mod http_bench;
 mod mask_bench;
 mod pg_bench;
+mod soak;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -94,6 +95,15 @@ enum Cmd {
         #[arg(long)]
         markdown: Option<PathBuf>,
     },
+    /// A long mixed Postgres load through edges, sampling RSS, fds and p99 every interval
+    /// (scripts/soak.sh).
+    Soak {
+        #[command(flatten)]
+        opts: soak::Opts,
+        /// Append the table to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Postgres TPS and added latency through pgbouncer, haproxy and extra targets (pgbench -S).
     Pgbench {
         #[command(flatten)]
@@ -102,6 +112,19 @@ enum Cmd {
         #[arg(long, alias = "markdown")]
         out: Option<PathBuf>,
     },
+}
+
+/// Append a result to the `--out`/`--markdown` file, when one was given.
+fn append_to(out: Option<&std::path::Path>, text: &str) -> Result<()> {
+    if let Some(out) = out {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(out)
+            .with_context(|| format!("open {}", out.display()))?;
+        writeln!(f, "{text}")?;
+    }
+    Ok(())
 }
 
 fn free_port() -> u16 {
@@ -313,13 +336,7 @@ async fn ingest(
     );
     println!("| nodes | events | in flight | batch | published/s | committed/s | p50 ms | p99 ms | max ms |");
     println!("{line}");
-    if let Some(md) = markdown {
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(md)?;
-        writeln!(f, "{line}")?;
-    }
+    append_to(markdown.as_deref(), &line)?;
     drop(procs);
     Ok(())
 }
@@ -351,14 +368,7 @@ async fn main() -> Result<()> {
                 mask_bench::run(megabytes)?
             };
             println!("{table}");
-            if let Some(md) = markdown {
-                let mut f = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(md)?;
-                writeln!(f, "{table}")?;
-            }
-            Ok(())
+            append_to(markdown.as_deref(), &table)
         }
         Cmd::Upstream { port, delay_ms } => {
             http_bench::upstream(port, Duration::from_millis(delay_ms)).await
@@ -366,41 +376,22 @@ async fn main() -> Result<()> {
         Cmd::Http { opts, out } => {
             let table = http_bench::compare(&opts).await?;
             println!("{table}");
-            if let Some(out) = out {
-                let mut f = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&out)
-                    .with_context(|| format!("open {}", out.display()))?;
-                writeln!(f, "{table}")?;
-            }
-            Ok(())
+            append_to(out.as_deref(), &table)
         }
         Cmd::Approvals { opts, out } => {
             let table = approvals_bench::run(&opts).await?;
             println!("{table}");
-            if let Some(out) = out {
-                let mut f = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&out)
-                    .with_context(|| format!("open {}", out.display()))?;
-                writeln!(f, "{table}")?;
-            }
-            Ok(())
+            append_to(out.as_deref(), &table)
+        }
+        Cmd::Soak { opts, out } => {
+            let table = soak::run(opts).await?;
+            println!("{table}");
+            append_to(out.as_deref(), &table)
         }
         Cmd::Pgbench { opts, out } => {
             let section = pg_bench::run(&opts)?;
             println!("{section}");
-            if let Some(out) = out {
-                let mut f = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&out)
-                    .with_context(|| format!("open {}", out.display()))?;
-                writeln!(f, "{section}")?;
-            }
-            Ok(())
+            append_to(out.as_deref(), &section)
         }
     }
 }
