@@ -1,24 +1,30 @@
 #!/usr/bin/env bash
 # Fuzz the parsers and the masking engine with cargo-fuzz (libFuzzer + AddressSanitizer).
-#   ./scripts/fuzz.sh [SECONDS_PER_TARGET]              build, then run every target (default 30 s)
+#   ./scripts/fuzz.sh [SECONDS_PER_TARGET]              build, then run every target (default 30 s,
+#                                                       or $CUSTOS_FUZZ_SECONDS)
 #   FUZZ_TARGETS="mask_text sse_stream" ./scripts/fuzz.sh 600   only these targets
-#   CUSTOS_FUZZ_SKIP_KNOWN=1 ./scripts/fuzz.sh 600   do not stop on the findings already reported
-# Targets and their properties: docs/reliability.md. Seeds (committed) are in fuzz/seeds/<target>/;
-# libFuzzer adds what it finds to a scratch corpus outside the clone ($FUZZ_CORPUS, kept between
-# runs on this machine), so the seeds stay as they are. A crash or a broken property leaves its
-# input in fuzz/artifacts/<target>/ and makes the script fail.
+#   CUSTOS_FUZZ_NIGHTLY=0 ./scripts/fuzz.sh             use the pinned toolchain with RUSTC_BOOTSTRAP=1
+#                                                       even where a nightly toolchain is installed
+# Targets and their properties: docs/reliability.md. Every run starts from the committed inputs,
+# which it only reads: fuzz/seeds/<target>/ (hand-written), fuzz/corpus/<target>/ (a minimised
+# corpus of earlier long runs) and fuzz/regressions/<target>/ (the inputs of fixed findings; one
+# that fails again fails the run). What libFuzzer finds goes to a scratch corpus outside the clone
+# ($FUZZ_CORPUS, kept between runs on this machine). A crash or a broken property leaves its input
+# in fuzz/artifacts/<target>/ (ignored by git), is printed in base64, and makes the script fail.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-secs="${1:-30}"
+secs="${1:-${CUSTOS_FUZZ_SECONDS:-30}}"
 case "$secs" in
-  '' | *[!0-9]*)
-    echo "usage: $0 [SECONDS_PER_TARGET]" >&2
+  '' | *[!0-9]* | 0)
+    echo "usage: $0 [SECONDS_PER_TARGET]   (a whole number of seconds, at least 1)" >&2
     exit 2
     ;;
 esac
 
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/custos/target-fuzz}"
+# Its own build directory: the sanitizer flags would otherwise rebuild the main workspace's cache
+# (scripts/test.sh exports CARGO_TARGET_DIR for that one).
+export CARGO_TARGET_DIR="${CUSTOS_FUZZ_TARGET_DIR:-$HOME/.cache/custos/target-fuzz}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_odr_violation=0}"
 corpus_root="${FUZZ_CORPUS:-$HOME/.cache/custos/fuzz-corpus}"
@@ -26,13 +32,13 @@ logs="${FUZZ_LOGS:-$HOME/.cache/custos/fuzz-logs}"
 
 # The sanitizer flags are unstable: use nightly when there is one, else the pinned toolchain with
 # RUSTC_BOOTSTRAP=1 (machines that can fetch no other toolchain; stable ships the ASan runtime).
-if rustup run nightly rustc --version >/dev/null 2>&1; then
+if [ "${CUSTOS_FUZZ_NIGHTLY:-1}" != "0" ] && rustup run nightly rustc --version >/dev/null 2>&1; then
   tc=(+nightly)
   echo "toolchain: $(rustup run nightly rustc --version)"
 else
   tc=()
   export RUSTC_BOOTSTRAP=1
-  echo "toolchain: no nightly; $(rustc --version) with RUSTC_BOOTSTRAP=1"
+  echo "toolchain: $(rustc --version) with RUSTC_BOOTSTRAP=1 (no nightly used)"
 fi
 if ! cargo fuzz --version >/dev/null 2>&1; then
   echo "cargo-fuzz is missing: installing it (cargo install cargo-fuzz --locked)"
@@ -55,17 +61,23 @@ bin_dir="$CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/release"
 mkdir -p "$logs"
 summary=()
 failed=0
+run_start=$(date +%s)
 for t in "${targets[@]}"; do
-  corpus="$corpus_root/$t"
-  mkdir -p "$corpus" "fuzz/artifacts/$t"
+  scratch="$corpus_root/$t"
+  mkdir -p "$scratch" "fuzz/artifacts/$t"
+  # libFuzzer writes new inputs only to the first directory (the scratch corpus); the committed
+  # ones after it are read.
+  inputs=("$scratch")
+  for d in "fuzz/corpus/$t" "fuzz/seeds/$t" "fuzz/regressions/$t"; do
+    [ -d "$d" ] && inputs+=("$d")
+  done
   log="$logs/$t.log"
   echo "fuzzing $t for ${secs} s (log: $log)"
   set +e
-  # New inputs go to the first (scratch) directory; the seeds are only read.
   nice -n 19 "$bin_dir/$t" \
     -max_total_time="$secs" -timeout=30 -print_final_stats=1 \
     -artifact_prefix="fuzz/artifacts/$t/" \
-    "$corpus" "fuzz/seeds/$t" >"$log" 2>&1
+    "${inputs[@]}" >"$log" 2>&1
   rc=$?
   set -e
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
@@ -76,17 +88,24 @@ for t in "${targets[@]}"; do
   else
     failed=1
     artifact=$(sed -n 's/.*Test unit written to \(.*\)$/\1/p' "$log" | tail -1)
-    status="CRASH (exit $rc) ${artifact:-see $log}"
+    status="FAILED (exit $rc) ${artifact:-see $log}"
     grep -m1 -E "panicked at|ERROR: (AddressSanitizer|libFuzzer)" "$log" | sed 's/^/    /' || true
+    grep -m1 -A3 "panicked at" "$log" | tail -n +2 | cut -c1-400 | sed 's/^/    /' || true
+    if [ -n "$artifact" ] && [ -f "$artifact" ]; then
+      # So that a CI log alone reproduces it: base64 -d > input; $bin_dir/$t input
+      echo "    input ($(wc -c <"$artifact") bytes, base64):"
+      head -c 8192 "$artifact" | base64 -w 100 | sed 's/^/      /'
+    fi
   fi
   summary+=("$(printf '%-13s %5s s %12s execs  cov %-6s %s' "$t" "$secs" "${execs:-?}" "${cov:-?}" "$status")")
 done
+run_secs=$(($(date +%s) - run_start))
 
 echo
-echo "summary (build ${build_secs} s):"
+echo "fuzz summary (build ${build_secs} s, runs ${run_secs} s):"
 printf '  %s\n' "${summary[@]}"
 if [ "$failed" -ne 0 ]; then
-  echo "some targets crashed: reproduce with $bin_dir/<target> <artifact>; minimise with" \
-    "cargo +nightly fuzz tmin <target> <artifact>" >&2
+  echo "a fuzz target crashed or broke its property: reproduce with $bin_dir/<target> <input>;" \
+    "minimise with cargo +nightly fuzz tmin <target> <input>; save it under fuzz/regressions/<target>/" >&2
   exit 1
 fi

@@ -52,3 +52,11 @@ else
   # Without nextest's test groups, run one test at a time: cluster tests share 2 cores badly.
   cargo test --workspace --no-fail-fast -- --test-threads=1
 fi
+
+# Fuzzing, briefly (docs/reliability.md, "Fuzzing"): every fuzz target for CUSTOS_FUZZ_SECONDS
+# (default 30) seconds after the tests, from the committed seeds, corpus and regression inputs;
+# it fails on a crash or a broken property. Its build is cached in ~/.cache/custos/target-fuzz.
+# CUSTOS_FUZZ=0 (or --quick) skips it.
+if [ "${CUSTOS_FUZZ:-1}" != "0" ] && [ "${1:-}" != "--quick" ]; then
+  ./scripts/fuzz.sh "${CUSTOS_FUZZ_SECONDS:-30}"
+fi

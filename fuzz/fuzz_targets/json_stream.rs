@@ -24,7 +24,7 @@ use std::str::FromStr;
 use arbitrary::{Arbitrary, Unstructured};
 use custos_core::mask::corpus::{self, Style};
 use custos_core::mask::{Detector, JsonMasker, JsonPath, Stats};
-use custos_fuzz::{chunks, masker, skip_known, survivors};
+use custos_fuzz::{chunks, masker, survivors};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Map, Value};
 
@@ -190,10 +190,8 @@ fuzz_target!(|data: &[u8]| {
 
     let (out, stats, invalid) = run(&body, &paths, sizes);
     let (whole, _, _) = run(&body, &paths, &[]);
-    // Known finding: in invalid JSON under a field path, the chunking decides what is dropped.
-    let known = skip_known() && invalid && !paths.is_empty();
     assert!(
-        out == whole || known,
+        out == whole,
         "output depends on the chunking:\n chunked {:?}: {:?}\n whole:   {:?}",
         chunks(&body, sizes)
             .iter()
@@ -217,10 +215,6 @@ fuzz_target!(|data: &[u8]| {
     let mut values = Vec::new();
     strings(&masked, &mut values);
     for s in values {
-        // Known finding: a labelled value with an unclosed quote, not alone in its push.
-        if skip_known() && s.matches('"').count() % 2 == 1 {
-            continue;
-        }
         let found = survivors(s);
         assert!(
             found.is_empty(),

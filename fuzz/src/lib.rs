@@ -157,14 +157,6 @@ pub fn sse_payloads(stream: &[u8], flush_tail: bool) -> Vec<String> {
     events
 }
 
-/// `CUSTOS_FUZZ_SKIP_KNOWN=1`: do not fail on the classes of findings already reported (see
-/// docs/reliability.md, "Findings"), so that a run can look past them. Off by default: a plain
-/// run must keep failing until they are fixed.
-pub fn skip_known() -> bool {
-    static SKIP: OnceLock<bool> = OnceLock::new();
-    *SKIP.get_or_init(|| std::env::var_os("CUSTOS_FUZZ_SKIP_KNOWN").is_some_and(|v| v == "1"))
-}
-
 /// Detector matches in already-masked text that are not artefacts of the masker's placeholders.
 ///
 /// Re-scanning masked text can match a placeholder: `postgres://admin:[REDACTED:url_password]@db`
@@ -195,16 +187,6 @@ pub fn survivors(masked: &str) -> Vec<(custos_core::mask::Detector, String)> {
         .find(masked)
         .into_iter()
         .filter(|f| !covered[f.start..f.end].iter().any(|&c| c))
-        // Known finding: a match glued to a masked one (no separator, or one `.`/`-`) is decided
-        // in the context of its neighbour and can survive (`-----END PRIVATE KEY-----bob@x.com`).
-        .filter(|f| {
-            let near = |i: usize| covered.get(i).copied().unwrap_or(false);
-            let touches = (f.start >= 1 && near(f.start - 1))
-                || (f.start >= 2 && near(f.start - 2))
-                || near(f.end)
-                || near(f.end + 1);
-            !(skip_known() && touches)
-        })
         .map(|f| (f.detector, masked[f.start..f.end].to_string()))
         .collect()
 }
