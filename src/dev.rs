@@ -188,13 +188,31 @@ async fn start_edge(
     Ok(edge)
 }
 
+/// Connect to NATS, retrying transient failures (a server still starting, a JetStream cluster
+/// still electing its leaders) for up to a minute; a configuration error fails at once.
+async fn connect_bus(cfg: &ControlPlaneConfig) -> Result<NatsBus, custos_core::bus::BusError> {
+    let t0 = std::time::Instant::now();
+    let mut wait = std::time::Duration::from_millis(250);
+    loop {
+        match NatsBus::connect(cfg.bus.nats.clone()).await {
+            Ok(b) => return Ok(b),
+            Err(e) if e.is_transient() && t0.elapsed() < std::time::Duration::from_secs(60) => {
+                tracing::warn!(error = %e, "event bus not ready; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 pub async fn run_node(cfg: ControlPlaneConfig) -> Result<()> {
     let input = match cfg.bus.kind {
-        BusKind::Nats => EventInput::Nats(Box::new(
-            NatsBus::connect(cfg.bus.nats.clone())
-                .await
-                .context("the control plane ingests events from NATS ([bus] kind = \"nats\")")?,
-        )),
+        BusKind::Nats => {
+            EventInput::Nats(Box::new(connect_bus(&cfg).await.context(
+                "the control plane ingests events from NATS ([bus] kind = \"nats\")",
+            )?))
+        }
         BusKind::None => EventInput::None,
         BusKind::Inproc => bail!(
             "[bus] kind = \"inproc\" works only inside `custos dev`; use \"nats\" or \"none\""

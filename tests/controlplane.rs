@@ -128,6 +128,36 @@ async fn stopped_node_catches_up_from_snapshot_and_a_new_node_joins() -> Result<
     Ok(())
 }
 
+/// A node started before NATS (a host booting, a JetStream cluster still electing) waits for it
+/// and then serves, instead of exiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_before_nats_waits_for_it() -> Result<()> {
+    let nats_port = free_port();
+    let root = tempfile::tempdir()?;
+    let mut nodes = cluster(
+        root.path(),
+        &[1],
+        &[1],
+        &ClusterOpts {
+            nats_url: Some(format!("nats://127.0.0.1:{nats_port}")),
+            ..Default::default()
+        },
+    )?;
+    let mut node = nodes.remove(0);
+    // `spawn` returns once the node listens, which it does only after the bus is connected.
+    let starting = std::thread::spawn(move || node.spawn().map(|_| node));
+    std::thread::sleep(Duration::from_secs(3));
+    let _nats = Nats::start_on(nats_port)?;
+    let node = starting.join().expect("spawn thread")?;
+    eventually(Duration::from_secs(20), "a leader", || async {
+        leader(&[&node]).await == Some(1)
+    })
+    .await?;
+    let log = node.log();
+    assert!(log.contains("event bus not ready; retrying"), "{log}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tampering_with_a_stored_record_is_detected_and_named() -> Result<()> {
     use custos_controlplane::types::{Command as Cmd, IngestItem};

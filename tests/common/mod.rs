@@ -55,8 +55,12 @@ pub struct Nats {
 
 impl Nats {
     pub fn start() -> Result<Nats> {
+        Nats::start_on(free_port())
+    }
+
+    /// On a given port (e.g. one a process was already told to connect to).
+    pub fn start_on(port: u16) -> Result<Nats> {
         let dir = tempfile::tempdir()?;
-        let port = free_port();
         let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
             .into_iter()
             .find(|p| Path::new(p).exists())
