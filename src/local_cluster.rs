@@ -96,10 +96,17 @@ pub struct NetnsLayout {
     pub node_ip: String,
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// Hands out free ports, each distinct: every probe listener stays open until the layout is
+/// complete, so the kernel cannot give the same port twice.
+struct PortPicker(Vec<std::net::TcpListener>);
+
+impl PortPicker {
+    fn next(&mut self) -> Result<u16> {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = l.local_addr()?.port();
+        self.0.push(l);
+        Ok(port)
+    }
 }
 
 impl Layout {
@@ -141,22 +148,23 @@ impl Layout {
 
     fn ephemeral(edges: usize) -> Result<Layout> {
         let mut l = Layout::fixed(0, edges);
+        let mut p = PortPicker(Vec::new());
         for n in &mut l.nats {
             *n = NatsPorts {
-                client: free_port()?,
-                cluster: free_port()?,
-                monitor: free_port()?,
+                client: p.next()?,
+                cluster: p.next()?,
+                monitor: p.next()?,
             };
         }
         for n in &mut l.nodes {
-            n.grpc = free_port()?;
-            n.metrics = free_port()?;
+            n.grpc = p.next()?;
+            n.metrics = p.next()?;
         }
         for e in &mut l.edges {
             *e = EdgePorts {
-                postgres: free_port()?,
-                http: free_port()?,
-                metrics: free_port()?,
+                postgres: p.next()?,
+                http: p.next()?,
+                metrics: p.next()?,
             };
         }
         Ok(l)
@@ -989,4 +997,37 @@ pub async fn run(args: LocalClusterArgs) -> Result<()> {
     eprintln!("stopping edges, control plane, NATS");
     tokio::task::spawn_blocking(move || cluster.shutdown()).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ports(l: &Layout) -> Vec<u16> {
+        let mut v = Vec::new();
+        for n in &l.nats {
+            v.extend([n.client, n.cluster, n.monitor]);
+        }
+        for n in &l.nodes {
+            v.extend([n.grpc, n.metrics]);
+        }
+        for e in &l.edges {
+            v.extend([e.postgres, e.http, e.metrics]);
+        }
+        v
+    }
+
+    #[test]
+    fn every_member_gets_its_own_port() {
+        for l in [Layout::ephemeral(2).unwrap(), Layout::fixed(24000, 2)] {
+            let all = ports(&l);
+            let distinct: std::collections::BTreeSet<_> = all.iter().collect();
+            assert_eq!(all.len(), 21);
+            assert_eq!(distinct.len(), all.len(), "{all:?}");
+        }
+        // scripts/soak.sh counts on this layout.
+        let l = Layout::fixed(26000, 2);
+        assert_eq!(l.node(1).grpc, 26009);
+        assert_eq!((l.edges[0].postgres, l.edges[1].postgres), (26015, 26018));
+    }
 }
