@@ -2134,6 +2134,11 @@ fn scan_quoted(
             Some(_) => k += 1,
         }
     }
+    // Cut at the cap. A `\\` just before it skips a byte unread: in a stream whose bytes end
+    // before the cap, the value is not decided yet (it would be cut short of the cap).
+    if w.more && w.hi < cap {
+        return Err(Need);
+    }
     Ok((w.floor_char(cap.min(w.hi)), false))
 }
 

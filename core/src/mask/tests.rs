@@ -1061,6 +1061,23 @@ fn stream_equals_mask_text_at_every_split() {
 }
 
 #[test]
+fn stream_decides_a_capped_quoted_value_only_when_its_window_is_complete() {
+    // Fuzz finding (regressions/json_stream/stream-decides-capped-value-cut-after-backslash): a
+    // quoted labelled value is cut at 256 bytes; a `\` right before the cut skips the byte after
+    // it unread, so a stream whose bytes ended between the two decided the value then, one byte
+    // short of the cut `mask_text` makes.
+    let value = format!("{}\\.", "a".repeat(254));
+    let text = format!("password:'{value}0 tail");
+    let m = masker();
+    let whole = m.mask_text(&text, &mut Stats::default()).into_owned();
+    assert_eq!(whole, "password:'[REDACTED:generic_secret]0 tail");
+    for i in 0..=text.len() {
+        let out = stream_all(&m, &[&text[..i], &text[i..]], &mut Stats::default());
+        assert_eq!(out, whole, "split at {i}");
+    }
+}
+
+#[test]
 fn stream_releases_early() {
     let m = masker();
     let mut s = m.stream();
