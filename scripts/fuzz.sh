@@ -9,7 +9,8 @@
 # which it only reads: fuzz/seeds/<target>/ (hand-written), fuzz/corpus/<target>/ (a minimised
 # corpus of earlier long runs) and fuzz/regressions/<target>/ (the inputs of fixed findings; one
 # that fails again fails the run). What libFuzzer finds goes to a scratch corpus outside the clone
-# ($FUZZ_CORPUS, kept between runs on this machine). A crash or a broken property leaves its input
+# ($FUZZ_CORPUS, kept between runs on this machine); logs go to ~/.cache/custos/fuzz-logs/<run>/
+# ($FUZZ_LOGS). A crash or a broken property leaves its input
 # in fuzz/artifacts/<target>/ (ignored by git), is printed in base64, and makes the script fail.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +29,15 @@ export CARGO_TARGET_DIR="${CUSTOS_FUZZ_TARGET_DIR:-$HOME/.cache/custos/target-fu
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_odr_violation=0}"
 corpus_root="${FUZZ_CORPUS:-$HOME/.cache/custos/fuzz-corpus}"
-logs="${FUZZ_LOGS:-$HOME/.cache/custos/fuzz-logs}"
+# One log directory per run: runs from several clones may share the machine.
+if [ -n "${FUZZ_LOGS:-}" ]; then
+  logs="$FUZZ_LOGS"
+else
+  logs="$HOME/.cache/custos/fuzz-logs/$(date +%Y%m%d-%H%M%S)-$$"
+  # keep the 20 newest runs' logs
+  find "$HOME/.cache/custos/fuzz-logs" -mindepth 1 -maxdepth 1 -type d -name '20*-*' 2>/dev/null |
+    sort | head -n -20 | xargs -r rm -rf -- || true
+fi
 
 # The sanitizer flags are unstable: use nightly when there is one, else the pinned toolchain with
 # RUSTC_BOOTSTRAP=1 (machines that can fetch no other toolchain; stable ships the ASan runtime).
