@@ -466,6 +466,12 @@ pub async fn run(cli: Cli) -> Result<i32> {
                             v.node_id, v.checked, v.head_hash, v.parked
                         );
                         Ok(0)
+                    } else if v.first_bad_seq == 0 && v.lost > 0 {
+                        println!(
+                            "FAILED: node {}: chain intact over {} records, but {} events the bus acknowledged were lost before ingest; the ingesting leader's log names the stream sequences (search it for \"lost before ingest\"), then check the NATS servers' logs and the stream's limits (max_age)",
+                            v.node_id, v.checked, v.lost
+                        );
+                        Ok(1)
                     } else {
                         println!(
                             "FAILED: node {}: first bad record is seq {} ({}); {} records before it verified",

@@ -298,6 +298,130 @@ async fn malformed_events_are_parked_and_do_not_block_ingest() -> Result<()> {
     Ok(())
 }
 
+/// The consumer skips stream sequences (as JetStream consumers have done after a cluster restart):
+/// the leader reads them back from the stream and commits them; one the stream no longer holds is
+/// recorded as lost and makes `audit verify` fail, naming the cause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_the_consumer_skipped_are_read_back_and_a_lost_one_fails_verify() -> Result<()> {
+    let nats = Nats::start()?;
+    let root = tempfile::tempdir()?;
+    let opts = ClusterOpts {
+        nats_url: Some(nats.url()),
+        ..Default::default()
+    };
+    let mut nodes = cluster(root.path(), &[1], &[1], &opts)?;
+    nodes[0].spawn()?;
+    let server = nodes[0].server();
+    let bus = NatsBus::connect(NatsConfig {
+        url: nats.url(),
+        ..Default::default()
+    })
+    .await?;
+    let origin = Origin {
+        edge_id: "e".into(),
+        identity: "bob".into(),
+        connection: "db".into(),
+        ..Default::default()
+    };
+    let mut ids = Vec::new();
+    let mut publish = |n: usize| {
+        let evs: Vec<_> = (0..n)
+            .map(|_| origin.event(Payload::SessionStarted(SessionStarted::default())))
+            .collect();
+        ids.extend(evs.iter().map(|e| e.id.clone()));
+        evs
+    };
+    let mut seqs = Vec::new();
+    for e in publish(5) {
+        seqs.push(bus.publish(&e).await?.stream_seq);
+    }
+    eventually(
+        Duration::from_secs(30),
+        "the first 5 events committed",
+        || {
+            let server = server.clone();
+            async move { head(&server).await >= 5 }
+        },
+    )
+    .await?;
+    // The node goes down; 6 more events arrive while it is away.
+    nodes[0].kill();
+    for e in publish(6) {
+        seqs.push(bus.publish(&e).await?.stream_seq);
+    }
+    assert_eq!(seqs, (1..=11).collect::<Vec<u64>>());
+    // Something else moves the durable consumer past sequences 6..=10 without ingesting them,
+    // and sequence 10 is then gone from the stream.
+    let stream = bus.jetstream().get_stream("CUSTOS_EVENTS").await?;
+    let consumer: async_nats::jetstream::consumer::PullConsumer = stream
+        .get_consumer("custos-controlplane")
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut skipped = consumer
+        .fetch()
+        .max_messages(5)
+        .messages()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut n = 0;
+    while let Some(m) = futures::StreamExt::next(&mut skipped).await {
+        m.map_err(|e| anyhow::anyhow!("{e}"))?
+            .double_ack()
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        n += 1;
+    }
+    assert_eq!(n, 5, "the side consumer took sequences 6..=10");
+    assert!(stream.delete_message(10).await?);
+    nodes[0].spawn()?;
+    eventually(
+        Duration::from_secs(30),
+        "the skipped events read back and committed",
+        || {
+            let server = server.clone();
+            async move { head(&server).await >= 10 }
+        },
+    )
+    .await?;
+    let recs = client(&server).await.search_after(0, 100).await?;
+    let got: Vec<String> = recs.iter().map(|r| r.event_id.clone()).collect();
+    let mut want = ids.clone();
+    want.remove(9); // sequence 10
+    assert_eq!(
+        {
+            let mut g = got.clone();
+            g.sort();
+            g
+        },
+        {
+            let mut w = want.clone();
+            w.sort();
+            w
+        },
+        "every event the stream still holds is in the log exactly once"
+    );
+    // Read-back sequences come before the batch that revealed the gap: stream order is kept.
+    assert_eq!(got, want, "records are in stream order");
+    let v = client(&server).await.verify().await?;
+    assert!(!v.ok, "{v:?}");
+    assert_eq!(
+        (v.lost, v.reason.as_str(), v.checked),
+        (1, "lost_before_ingest", 10)
+    );
+    let (code, out, _) = cli(&server, &["audit", "verify"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("1 events the bus acknowledged were lost before ingest"),
+        "{out}"
+    );
+    assert!(
+        nodes[0].log().contains("lost before ingest"),
+        "the leader's log names the lost sequence: {}",
+        nodes[0].log()
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_policy_is_rejected_and_the_previous_version_stays() -> Result<()> {
     let root = tempfile::tempdir()?;

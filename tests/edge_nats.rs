@@ -36,10 +36,18 @@ fn psql(port: u16, token: &str, sql: &str) -> (i32, String, String) {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_edges_over_nats_keep_serving_without_the_control_plane_and_refuse_without_the_bus(
-) -> Result<()> {
-    let nats = Nats::start()?;
+/// A control-plane node ingesting from `nats`, a real PostgreSQL with connection `app`, and
+/// `n_edges` edges publishing to `nats` (strict audit, the default).
+struct Env {
+    root: tempfile::TempDir,
+    nodes: Vec<common::NodeProc>,
+    _pg: PgServer,
+    agent: String,
+    ports: Vec<u16>,
+    _edges: Vec<Proc>,
+}
+
+async fn start(nats: &Nats, n_edges: usize) -> Result<Env> {
     let root = tempfile::tempdir()?;
     let mut nodes = cluster(
         root.path(),
@@ -107,7 +115,7 @@ async fn two_edges_over_nats_keep_serving_without_the_control_plane_and_refuse_w
     // Two edges.
     let mut edges = Vec::new();
     let mut ports = Vec::new();
-    for i in 0..2 {
+    for i in 0..n_edges {
         let port = free_port();
         let cfg = root.path().join(format!("edge{i}.toml"));
         std::fs::write(
@@ -130,6 +138,29 @@ async fn two_edges_over_nats_keep_serving_without_the_control_plane_and_refuse_w
         wait_port(port, Duration::from_secs(20))?;
         ports.push(port);
     }
+    Ok(Env {
+        root,
+        nodes,
+        _pg: pg,
+        agent,
+        ports,
+        _edges: edges,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_edges_over_nats_keep_serving_without_the_control_plane_and_refuse_without_the_bus(
+) -> Result<()> {
+    let nats = Nats::start()?;
+    let Env {
+        root: _root,
+        mut nodes,
+        _pg,
+        agent,
+        ports,
+        _edges,
+    } = start(&nats, 2).await?;
+    let server = nodes[0].server();
     for &port in &ports {
         let mut ok = false;
         for _ in 0..100 {
@@ -189,5 +220,128 @@ async fn two_edges_over_nats_keep_serving_without_the_control_plane_and_refuse_w
     let (code, _, err) = psql(ports[0], &agent, "SELECT 1");
     assert_ne!(code, 0);
     assert!(err.contains("audit bus is unavailable"), "{err}");
+    Ok(())
+}
+
+/// The bus fills up (JetStream storage capped at 2 MiB): strict statements are refused with
+/// 57P03 naming the bus and the broker's answer, none runs unrecorded, and every statement that
+/// succeeded has exactly one record. When the operator frees the stream, statements run again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_bus_refuses_strict_statements_and_drops_no_record() -> Result<()> {
+    let nats = Nats::start_with_store_limit(2 * 1024 * 1024)?;
+    let env = start(&nats, 1).await?;
+    let server = env.nodes[0].server();
+    let (client, conn) = tokio_postgres::connect(
+        &format!(
+            "host=127.0.0.1 port={} dbname=app user=agent:reporter password={}",
+            env.ports[0], env.agent
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await?;
+    tokio::spawn(conn);
+    // Each statement's record carries ~16 KB of text; 2 MiB is full after ~130 of them.
+    let pad = "x".repeat(16 * 1024);
+    let mut acked = Vec::new();
+    let mut refusal = None;
+    for i in 0..1000 {
+        let marker = format!("mk_full_{i}");
+        match client
+            .batch_execute(&format!("SELECT 1 /* {marker} {pad} */"))
+            .await
+        {
+            Ok(()) => acked.push(marker),
+            Err(e) => {
+                refusal = Some(e);
+                break;
+            }
+        }
+    }
+    let e = refusal.expect("2 MiB of bus storage never filled up");
+    assert!(acked.len() > 20, "only {} statements ran", acked.len());
+    assert_eq!(e.code().map(|c| c.code()), Some("57P03"), "{e:?}");
+    let msg = format!("{e:?}");
+    eprintln!(
+        "the bus filled up after {} statements; the next was refused: {msg}",
+        acked.len()
+    );
+    assert!(
+        msg.contains("the statement was not run")
+            && msg.contains("JetStream storage is full")
+            && msg.contains("max_file_store"),
+        "{msg}"
+    );
+    // Still refused, and the session stays usable for the answer.
+    let again = client.batch_execute("SELECT 2 /* mk_full_refused */").await;
+    assert_eq!(again.unwrap_err().code().map(|c| c.code()), Some("57P03"));
+    // Every acknowledged statement has exactly one record; the refused ones have none.
+    let count = |server: String| async move {
+        let (_, out, _) = cli(
+            &server,
+            &[
+                "audit",
+                "search",
+                "--kind",
+                "command_received",
+                "--json",
+                "--limit",
+                "5000",
+            ],
+        );
+        out
+    };
+    let mut out = String::new();
+    for _ in 0..100 {
+        out = count(server.clone()).await;
+        if acked.iter().all(|m| out.contains(&format!("{m} "))) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for m in &acked {
+        assert_eq!(
+            out.matches(&format!("{m} ")).count(),
+            1,
+            "{m}: acknowledged, so exactly one record"
+        );
+    }
+    assert!(!out.contains("mk_full_refused"));
+    let refused_marker = format!("mk_full_{} ", acked.len());
+    assert!(
+        !out.contains(&refused_marker),
+        "a refused statement was recorded"
+    );
+    let (code, v, _) = cli(&server, &["audit", "verify"]);
+    assert_eq!(code, 0, "{v}");
+    // The operator frees the stream (everything in it is already in the log): statements run.
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await?);
+    js.get_stream("CUSTOS_EVENTS").await?.purge().await?;
+    let mut ok = false;
+    for _ in 0..50 {
+        if client
+            .batch_execute("SELECT 3 /* mk_full_after_purge */")
+            .await
+            .is_ok()
+        {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(ok, "statements never ran again after the stream was purged");
+    let mut recorded = false;
+    for _ in 0..100 {
+        if count(server.clone()).await.contains("mk_full_after_purge") {
+            recorded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(recorded, "the statement after the purge has no record");
+    let (code, v, _) = cli(&server, &["audit", "verify"]);
+    assert_eq!(
+        code, 0,
+        "a purge of already-ingested events loses nothing: {v}"
+    );
     Ok(())
 }

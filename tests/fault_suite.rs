@@ -231,6 +231,8 @@ struct Row {
     found: usize,
     missing: usize,
     duplicated: usize,
+    /// Events `audit verify` reports lost before ingest (bus gaps recorded in the log).
+    lost: u64,
     recover: Duration,
     note: String,
     /// For missing statements: whether their record is in the NATS stream.
@@ -405,12 +407,26 @@ impl Suite {
             diagnosis = find_in_stream(&self.cluster.layout.nats_urls(), &gone).await;
             eprintln!("{name}: missing statements in the NATS stream: {diagnosis}");
         }
+        let mut lost = 0;
         for id in &ids {
             let mut c = self.cluster.client(*id).await?;
             let v = c.verify().await?;
-            if !v.ok {
+            if !v.ok && v.reason == "lost_before_ingest" && v.first_bad_seq == 0 {
+                // The chain is intact, but the bus lost events it had acknowledged: counted
+                // below like a missing statement, with its cause.
+                lost = lost.max(v.lost);
+            } else if !v.ok {
                 bail!("{name}: audit verify failed on node {id}: {v:?}");
             }
+        }
+        let (filled, lost_total) = read_back(&self.cluster);
+        eprintln!(
+            "{name}: so far the ingest read back {filled} events the bus consumer skipped and recorded {lost_total} as lost"
+        );
+        if lost > 0 {
+            diagnosis.push_str(&format!(
+                "; audit verify: {lost} events the bus acknowledged were lost before ingest (the stream no longer held them)"
+            ));
         }
         eprintln!(
             "{name}: errors clients saw: {:#?}",
@@ -424,6 +440,7 @@ impl Suite {
             found,
             missing,
             duplicated,
+            lost,
             recover: recovered,
             note,
             diagnosis,
@@ -504,8 +521,34 @@ async fn find_in_stream(urls: &str, markers: &[String]) -> String {
         .join("; ")
 }
 
-/// GET /metrics of a node, and the value of `custos_bus_consumer_pending` on it.
+/// The value of `custos_bus_consumer_pending` on a node.
 fn consumer_pending(cluster: &LocalCluster, id: u64) -> Option<f64> {
+    metric(
+        cluster,
+        id,
+        &format!("custos_bus_consumer_pending{{node=\"{id}\"}}"),
+    )
+}
+
+/// Events the ingest read back from the stream because the consumer skipped them, and events it
+/// recorded as lost, summed over the nodes (counters restart with their process).
+fn read_back(cluster: &LocalCluster) -> (f64, f64) {
+    let sum = |result: &str| {
+        (1..=3)
+            .filter_map(|id| {
+                metric(
+                    cluster,
+                    id,
+                    &format!("custos_ingest_events_total{{result=\"{result}\"}}"),
+                )
+            })
+            .sum()
+    };
+    (sum("filled"), sum("lost"))
+}
+
+/// GET /metrics of a node, and the value of the sample `key` (name and labels) on it.
+fn metric(cluster: &LocalCluster, id: u64, key: &str) -> Option<f64> {
     use std::io::{Read, Write};
     let port = cluster.layout.nodes.iter().find(|n| n.id == id)?.metrics;
     let host = match &cluster.layout.netns {
@@ -517,7 +560,7 @@ fn consumer_pending(cluster: &LocalCluster, id: u64) -> Option<f64> {
     s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
     let mut page = String::new();
     let _ = s.read_to_string(&mut page);
-    let key = format!("custos_bus_consumer_pending{{node=\"{id}\"}} ");
+    let key = format!("{key} ");
     page.lines()
         .find_map(|l| l.strip_prefix(key.as_str()))
         .and_then(|v| v.trim().parse().ok())
@@ -806,13 +849,22 @@ async fn no_acknowledged_statement_is_lost_or_duplicated_under_faults() -> Resul
     );
     eprintln!("\n{table}");
     // A known, open defect (docs/reliability.md, "Open: acknowledged records lost in a restart
-    // of the whole NATS cluster"): in about one run in four, a statement acknowledged around the
-    // moment every NATS server is stopped has no record afterwards. Until it is fixed the bounded
-    // form reports it loudly but does not fail on that one scenario;
-    // CUSTOS_FAULT_STRICT=1 (the long form) fails on it like on any other.
+    // of the whole NATS cluster"): in one run of about eight, a statement acknowledged around the
+    // moment every NATS server is stopped had no record afterwards. The ingest now reads back
+    // any stream sequence the consumer skipped and records one the stream no longer holds as
+    // lost (verify fails). What is still excused here, in the bounded form only, is an event
+    // JetStream itself no longer holds; CUSTOS_FAULT_STRICT=1 (the long form) fails on it too.
     let strict_all = std::env::var("CUSTOS_FAULT_STRICT").is_ok_and(|v| v == "1");
     for r in &suite.rows {
-        if r.scenario == "nats-cluster-restart" && !strict_all && r.missing > 0 {
+        // Excused only when JetStream itself no longer has the event: one the stream still holds
+        // is read back by the ingest (it fills sequences the consumer skipped), so a miss of
+        // that kind is a custos bug and fails.
+        let jetstream_lost = !r.diagnosis.contains("the ingest skipped it");
+        if r.scenario == "nats-cluster-restart"
+            && !strict_all
+            && jetstream_lost
+            && (r.missing > 0 || r.lost > 0)
+        {
             eprintln!(
                 "KNOWN DEFECT (open): nats-cluster-restart lost {} acknowledged record(s): {}",
                 r.missing, r.diagnosis
@@ -831,6 +883,11 @@ async fn no_acknowledged_statement_is_lost_or_duplicated_under_faults() -> Resul
         assert_eq!(
             r.missing, 0,
             "{}: acknowledged statements without a record ({})\n{table}",
+            r.scenario, r.diagnosis
+        );
+        assert_eq!(
+            r.lost, 0,
+            "{}: events lost before ingest ({})\n{table}",
             r.scenario, r.diagnosis
         );
         assert_eq!(

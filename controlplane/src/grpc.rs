@@ -663,11 +663,17 @@ impl Audit for Svc {
         let out = tokio::task::spawn_blocking(move || store.verify())
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
+        let reason = match out.fault {
+            Some(f) => f.1.to_string(),
+            None if out.lost > 0 => "lost_before_ingest".to_string(),
+            None => String::new(),
+        };
         Ok(TResponse::new(pb::VerifyReply {
-            ok: out.fault.is_none(),
+            ok: out.fault.is_none() && out.lost == 0,
             checked: out.checked,
             first_bad_seq: out.fault.map(|f| f.0).unwrap_or(0),
-            reason: out.fault.map(|f| f.1.to_string()).unwrap_or_default(),
+            reason,
+            lost: out.lost,
             head_hash: hex::encode(out.head_hash),
             node_id: self.0.id,
             parked: out.parked,

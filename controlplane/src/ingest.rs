@@ -4,6 +4,14 @@
 //! Exactly once: the bus redelivers anything not acknowledged (a crashed leader's in-flight batch,
 //! a failed commit), and the state machine drops event ids it already holds. So every event is
 //! applied at least once by redelivery and at most once by dedupe.
+//!
+//! The loop does not trust the consumer alone to deliver every event. The state machine keeps the
+//! highest stream sequence it applied; a consumer hands out first deliveries in stream order, so
+//! a delivery beyond the next expected sequence means the consumer skipped some (as JetStream
+//! consumers have done after a cluster restart). The loop then reads each skipped sequence back
+//! from the stream and commits it before the batch. A sequence the stream no longer holds is
+//! committed as a [`Command::BusGap`]: the loss is recorded in the log and `audit verify` fails,
+//! instead of the log silently missing an event an edge was told was durable.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +20,7 @@ use custos_core::bus::{EventSource, InProcSource, NatsBus};
 use tokio::sync::{watch, Mutex};
 
 use crate::node::{items, Inner};
-use crate::types::{Command, Response};
+use crate::types::{Command, IngestItem, Response};
 
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Most event bytes in one Raft entry. openraft bounds each AppendEntries by the heartbeat
@@ -67,6 +75,11 @@ async fn term<S: EventSource + ?Sized>(
     shutdown: &mut watch::Receiver<bool>,
 ) {
     let max = inner.config.bus.batch_max;
+    // The next stream sequence expected; unknown until the log holds a bus event.
+    let mut next = match inner.store.bus_high() {
+        0 => None,
+        h => Some(h + 1),
+    };
     let backlog = |v: Option<u64>| {
         let v = v.map_or(-1, |v| v.min(i64::MAX as u64) as i64);
         inner
@@ -91,6 +104,18 @@ async fn term<S: EventSource + ?Sized>(
         if batch.is_empty() {
             continue;
         }
+        let gaps = gaps(&mut next, batch.iter().map(|d| d.seq));
+        for (from, to) in gaps {
+            if let Err(e) = fill(inner, src, from, to, max).await {
+                tracing::warn!(error = %e, from, to, "could not fill stream sequences the consumer skipped; retrying");
+                for d in batch {
+                    let _ = d.nack("control plane is filling skipped stream sequences first; it will be retried").await;
+                }
+                backlog(None);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                return;
+            }
+        }
         let mut rest = batch;
         while !rest.is_empty() {
             let cut = entry_len(&rest);
@@ -106,6 +131,151 @@ async fn term<S: EventSource + ?Sized>(
         }
     }
     backlog(None);
+}
+
+/// The ranges of stream sequences the consumer skipped before or inside `batch`, advancing
+/// `next` past the batch. Redeliveries (at or below what was seen) and sources without sequences
+/// (0) never make a gap.
+fn gaps(next: &mut Option<u64>, seqs: impl Iterator<Item = u64>) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for seq in seqs {
+        if seq == 0 {
+            continue;
+        }
+        match *next {
+            None => *next = Some(seq + 1),
+            Some(n) if seq > n => {
+                out.push((n, seq - 1));
+                *next = Some(seq + 1);
+            }
+            Some(n) if seq == n => *next = Some(n + 1),
+            Some(_) => {}
+        }
+    }
+    out
+}
+
+/// Read stream sequences `from..=to` back from the stream and commit them in order, at most
+/// `max` per entry; runs the stream no longer holds are committed as [`Command::BusGap`].
+async fn fill<S: EventSource + ?Sized>(
+    inner: &Inner,
+    src: &mut S,
+    from: u64,
+    to: u64,
+    max: usize,
+) -> Result<(), String> {
+    tracing::warn!(
+        from,
+        to,
+        "the bus consumer skipped stream sequences; reading them back from the stream"
+    );
+    let mut seq = from;
+    while seq <= to {
+        let mut found = Vec::new();
+        let mut bytes = 0;
+        let mut missing: Option<(u64, u64)> = None;
+        while seq <= to && found.len() < max.max(1) && bytes < MAX_ENTRY_BYTES {
+            match src.get(seq).await.map_err(|e| e.to_string())? {
+                Some(stored) => {
+                    if missing.is_some() {
+                        break;
+                    }
+                    bytes += stored.data.len();
+                    found.push(IngestItem {
+                        data: stored.data.to_vec(),
+                        bus_seq: seq,
+                    });
+                }
+                None => {
+                    if !found.is_empty() {
+                        break;
+                    }
+                    missing = Some((missing.map_or(seq, |m| m.0), seq));
+                }
+            }
+            seq += 1;
+        }
+        if let Some((a, b)) = missing {
+            tracing::error!(
+                from = a,
+                to = b,
+                "lost before ingest: the stream no longer holds sequences the consumer never delivered; recorded in the log, `custos audit verify` will fail"
+            );
+            let cmd = Command::BusGap {
+                from: a,
+                to: b,
+                detail: "the JetStream stream answered \"no message found\"".to_string(),
+                committed_unix_nano: custos_core::events::now_unix_nano(),
+            };
+            propose(inner, cmd).await?;
+            inner.metrics.add(
+                "custos_ingest_events_total",
+                &[("result", "lost")],
+                b - a + 1,
+            );
+        }
+        if !found.is_empty() {
+            let n = found.len() as u64;
+            let resp = propose(
+                inner,
+                Command::Ingest {
+                    committed_unix_nano: custos_core::events::now_unix_nano(),
+                    items: found,
+                },
+            )
+            .await?;
+            count(inner, &resp);
+            inner
+                .metrics
+                .add("custos_ingest_events_total", &[("result", "filled")], n);
+        }
+    }
+    Ok(())
+}
+
+/// Propose one command on this node, bounded by [`COMMIT_TIMEOUT`].
+async fn propose(inner: &Inner, cmd: Command) -> Result<Response, String> {
+    // Commit on this node only: if leadership moved, the new leader pulls the redelivery.
+    // Bounded: a leader cut off from its quorum must not hold the batch forever. If the entry
+    // commits after the timeout, the redelivered copies are dropped as duplicates.
+    match tokio::time::timeout(COMMIT_TIMEOUT, inner.raft.client_write(cmd)).await {
+        Ok(r) => r.map(|r| r.data).map_err(|e| e.to_string()),
+        Err(_) => Err(format!("commit did not finish within {COMMIT_TIMEOUT:?}")),
+    }
+}
+
+/// Count an ingest outcome in the metrics.
+fn count(inner: &Inner, resp: &Response) {
+    if let Response::Ingested {
+        appended,
+        duplicates,
+        parked,
+        ..
+    } = *resp
+    {
+        let m = &inner.metrics;
+        m.add(
+            "custos_ingest_events_total",
+            &[("result", "appended")],
+            appended,
+        );
+        m.add(
+            "custos_ingest_events_total",
+            &[("result", "duplicate")],
+            duplicates,
+        );
+        m.add(
+            "custos_ingest_events_total",
+            &[("result", "parked")],
+            parked,
+        );
+        if parked > 0 {
+            tracing::warn!(
+                parked,
+                "malformed events parked (see `custos audit verify`)"
+            );
+        }
+    }
 }
 
 /// How many of `batch`'s leading deliveries fit one entry (at least one).
@@ -126,45 +296,9 @@ async fn commit(inner: &Inner, batch: Vec<custos_core::bus::Delivery>) -> bool {
         committed_unix_nano: custos_core::events::now_unix_nano(),
         items: items(&batch),
     };
-    // Commit on this node only: if leadership moved, the new leader pulls the redelivery.
-    // Bounded: a leader cut off from its quorum must not hold the batch forever. If the entry
-    // commits after the timeout, the redelivered copies are dropped as duplicates.
-    let res = match tokio::time::timeout(COMMIT_TIMEOUT, inner.raft.client_write(cmd)).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(_) => Err(format!("commit did not finish within {COMMIT_TIMEOUT:?}")),
-    };
-    match res {
+    match propose(inner, cmd).await {
         Ok(resp) => {
-            if let Response::Ingested {
-                appended,
-                duplicates,
-                parked,
-                ..
-            } = resp.data
-            {
-                let m = &inner.metrics;
-                m.add(
-                    "custos_ingest_events_total",
-                    &[("result", "appended")],
-                    appended,
-                );
-                m.add(
-                    "custos_ingest_events_total",
-                    &[("result", "duplicate")],
-                    duplicates,
-                );
-                m.add(
-                    "custos_ingest_events_total",
-                    &[("result", "parked")],
-                    parked,
-                );
-                if parked > 0 {
-                    tracing::warn!(
-                        parked,
-                        "malformed events parked (see `custos audit verify`)"
-                    );
-                }
-            }
+            count(inner, &resp);
             for d in batch {
                 if let Err(e) = d.ack().await {
                     tracing::debug!(error = %e, "ack failed; the event will be redelivered and deduplicated");
@@ -182,5 +316,36 @@ async fn commit(inner: &Inner, batch: Vec<custos_core::bus::Delivery>) -> bool {
             }
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gaps;
+
+    #[test]
+    fn gaps_are_the_sequences_skipped_before_and_inside_a_batch() {
+        let mut next = Some(4);
+        assert_eq!(gaps(&mut next, [4, 5, 6].into_iter()), vec![]);
+        assert_eq!(next, Some(7));
+        // Skipped 7..=9 before the batch and 11 inside it.
+        assert_eq!(
+            gaps(&mut next, [10, 12, 13].into_iter()),
+            vec![(7, 9), (11, 11)]
+        );
+        assert_eq!(next, Some(14));
+        // Redeliveries never make a gap, nor move `next` back.
+        assert_eq!(gaps(&mut next, [8, 3, 14].into_iter()), vec![]);
+        assert_eq!(next, Some(15));
+    }
+
+    #[test]
+    fn an_unknown_start_or_a_source_without_sequences_never_makes_a_gap() {
+        let mut next = None;
+        assert_eq!(gaps(&mut next, [100, 101].into_iter()), vec![]);
+        assert_eq!(next, Some(102));
+        let mut none = None;
+        assert_eq!(gaps(&mut none, [0, 0, 0].into_iter()), vec![]);
+        assert_eq!(none, None);
     }
 }

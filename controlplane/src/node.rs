@@ -479,7 +479,7 @@ pub(crate) fn items(deliveries: &[custos_core::bus::Delivery]) -> Vec<IngestItem
         .iter()
         .map(|d| IngestItem {
             data: d.data.to_vec(),
-            bus_seq: 0,
+            bus_seq: d.seq,
         })
         .collect()
 }

@@ -86,6 +86,10 @@ const K_HEAD: &[u8] = b"audit_head";
 const K_REVISION: &[u8] = b"revision";
 const K_PARKED: &[u8] = b"parked_count";
 const K_POLICY_VERSION: &[u8] = b"policy_version";
+/// Highest bus stream sequence applied (0: none yet, or an in-process bus).
+const K_BUS_HIGH: &[u8] = b"bus_high";
+/// Events lost before ingest (sum of recorded [`Command::BusGap`] lengths).
+const K_LOST: &[u8] = b"lost_count";
 
 fn be(n: u64) -> [u8; 8] {
     n.to_be_bytes()
@@ -160,6 +164,8 @@ pub struct VerifyOutcome {
     pub fault: Option<(u64, &'static str)>,
     pub head_hash: Vec<u8>,
     pub parked: u64,
+    /// Events lost before ingest: the log is known to be incomplete when above 0.
+    pub lost: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -213,6 +219,16 @@ impl Store {
 
     pub fn parked_count(&self) -> u64 {
         self.get(CF_SM, K_PARKED).ok().flatten().unwrap_or(0)
+    }
+
+    /// The highest bus stream sequence applied to the log (0 when none is known).
+    pub fn bus_high(&self) -> u64 {
+        self.get(CF_SM, K_BUS_HIGH).ok().flatten().unwrap_or(0)
+    }
+
+    /// Events the bus acknowledged but lost before ingest (see [`Command::BusGap`]).
+    pub fn lost_count(&self) -> u64 {
+        self.get(CF_SM, K_LOST).ok().flatten().unwrap_or(0)
     }
 
     /// Audit records with seq in `[from, ..]`, at most `limit`, in order.
@@ -279,6 +295,12 @@ impl Store {
             fault,
             head_hash: v.head_hash().to_vec(),
             parked: self.parked_count(),
+            lost: snap
+                .get_cf(self.cf(CF_SM), K_LOST)
+                .ok()
+                .flatten()
+                .and_then(|v| bincode::deserialize::<u64>(&v).ok())
+                .unwrap_or(0),
         }
     }
 
@@ -573,6 +595,8 @@ struct Cursor_ {
     revision: u64,
     parked: u64,
     policy_version: u64,
+    bus_high: u64,
+    lost: u64,
     /// Ids appended in this batch (not yet visible in RocksDB).
     batch_ids: HashMap<String, u64>,
 }
@@ -646,6 +670,7 @@ impl StateMachine {
             } => {
                 let (mut appended, mut duplicates, mut parked) = (0, 0, 0);
                 for item in items {
+                    cur.bus_high = cur.bus_high.max(item.bus_seq);
                     match custos_core::events::decode_checked(&item.data) {
                         Ok(event) => {
                             if self.append_audit(
@@ -673,6 +698,30 @@ impl StateMachine {
                     parked,
                     head_seq: cur.head.seq,
                 }
+            }
+            Command::BusGap {
+                from,
+                to,
+                detail,
+                committed_unix_nano,
+            } => {
+                let lost = to.saturating_sub(from) + 1;
+                cur.lost += lost;
+                cur.parked += 1;
+                cur.bus_high = cur.bus_high.max(to);
+                let doc = serde_json::json!({
+                    "reason": format!(
+                        "lost before ingest: the bus acknowledged stream sequences {from}..={to} \
+                         ({lost} events) but the consumer never delivered them and the stream no \
+                         longer holds them ({detail})"
+                    ),
+                    "kind": "lost_before_ingest",
+                    "bus_seq": from,
+                    "bus_seq_to": to,
+                    "committed_unix_nano": committed_unix_nano,
+                });
+                wb.put_cf(self.store.cf(CF_PARKED), be(cur.parked), doc.to_string());
+                Response::None
             }
             Command::ApplyPolicy {
                 text,
@@ -1074,6 +1123,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             revision: self.store.revision(),
             parked: self.store.parked_count(),
             policy_version: self.store.get(CF_SM, K_POLICY_VERSION)?.unwrap_or(0),
+            bus_high: self.store.get(CF_SM, K_BUS_HIGH)?.unwrap_or(0),
+            lost: self.store.get(CF_SM, K_LOST)?.unwrap_or(0),
             batch_ids: HashMap::new(),
         };
         let mut replies = Vec::new();
@@ -1101,6 +1152,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         wb.put_cf(sm, K_REVISION, ser(&cur.revision));
         wb.put_cf(sm, K_PARKED, ser(&cur.parked));
         wb.put_cf(sm, K_POLICY_VERSION, ser(&cur.policy_version));
+        wb.put_cf(sm, K_BUS_HIGH, ser(&cur.bus_high));
+        wb.put_cf(sm, K_LOST, ser(&cur.lost));
         self.store
             .db
             .write(wb)

@@ -27,7 +27,8 @@ pub type Raft = openraft::Raft<TypeConfig>;
 pub struct IngestItem {
     /// The raw `custos.v1.Event` bytes, exactly as published.
     pub data: Vec<u8>,
-    /// Where the bus had it (JetStream stream sequence, or 0), for parked-event diagnostics.
+    /// Where the bus had it (JetStream stream sequence, or 0): the state machine keeps the
+    /// highest one applied so the ingest loop can tell when the consumer skipped a sequence.
     pub bus_seq: u64,
 }
 
@@ -137,6 +138,16 @@ pub enum Command {
         by: String,
         now_unix_nano: i64,
         event_id: String,
+    },
+    /// Stream sequences `from..=to` were never delivered by the consumer and the stream no longer
+    /// holds them: record the loss (it makes `audit verify` fail) and move past it. Proposed by
+    /// the ingest loop only after reading each sequence back from the stream found nothing.
+    BusGap {
+        from: u64,
+        to: u64,
+        /// What the stream said (e.g. its first sequence), for the operator.
+        detail: String,
+        committed_unix_nano: i64,
     },
 }
 

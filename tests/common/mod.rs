@@ -76,6 +76,34 @@ impl Nats {
         Ok(Nats { child, port, dir })
     }
 
+    /// With JetStream file storage capped at `max_file_store` bytes for the whole server, so a
+    /// test can fill the bus.
+    pub fn start_with_store_limit(max_file_store: u64) -> Result<Nats> {
+        let port = free_port();
+        let dir = tempfile::tempdir()?;
+        let conf = dir.path().join("nats.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: \"{}\"\n  max_file_store: {max_file_store}\n  max_memory_store: 16777216\n}}\n",
+                dir.path().join("js").display()
+            ),
+        )?;
+        let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap_or("nats-server");
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start nats-server (install the nats-server package)")?;
+        wait_port(port, Duration::from_secs(10))?;
+        Ok(Nats { child, port, dir })
+    }
+
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }

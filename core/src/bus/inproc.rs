@@ -94,6 +94,7 @@ impl InProcSource {
         Delivery {
             data: item.data,
             subject: item.subject,
+            seq: 0,
             acker: super::Acker::InProc(Acker {
                 reply: item.reply,
                 stream_seq,

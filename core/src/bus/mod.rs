@@ -159,6 +159,27 @@ pub trait EventSource: Send + 'static {
     fn backlog(&self) -> Option<u64> {
         None
     }
+
+    /// Read the event stored at stream sequence `seq`, whether or not the consumer delivered it:
+    /// `Ok(None)` when the stream no longer holds it (deleted, expired, or never stored). The
+    /// ingest loop uses this to fill sequences the consumer skipped. Sources without stream
+    /// sequences (in-process: every [`Delivery::seq`] is 0) are never asked.
+    fn get(&mut self, seq: u64) -> BoxFuture<'_, Result<Option<Stored>, BusError>> {
+        Box::pin(async move {
+            Err(BusError::Invalid(format!(
+                "this event source cannot read stream sequence {seq} directly"
+            )))
+        })
+    }
+}
+
+/// An event read from the stream by sequence ([`EventSource::get`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    /// The encoded `custos.v1.Event`, exactly as published.
+    pub data: bytes::Bytes,
+    /// The subject it was published on.
+    pub subject: String,
 }
 
 impl<T: EventSource + ?Sized> EventSource for Box<T> {
@@ -173,6 +194,10 @@ impl<T: EventSource + ?Sized> EventSource for Box<T> {
     fn backlog(&self) -> Option<u64> {
         (**self).backlog()
     }
+
+    fn get(&mut self, seq: u64) -> BoxFuture<'_, Result<Option<Stored>, BusError>> {
+        (**self).get(seq)
+    }
 }
 
 /// One event handed to the consumer. It must be [`ack`](Delivery::ack)ed once committed, or
@@ -183,6 +208,9 @@ pub struct Delivery {
     pub data: bytes::Bytes,
     /// The subject it was published on.
     pub subject: String,
+    /// Its sequence in the stream (JetStream stream sequence; 0 for the in-process bus, which
+    /// has no stream to read back from).
+    pub seq: u64,
     acker: Acker,
 }
 
@@ -195,6 +223,7 @@ impl std::fmt::Debug for Delivery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Delivery")
             .field("subject", &self.subject)
+            .field("seq", &self.seq)
             .field("len", &self.data.len())
             .finish_non_exhaustive()
     }

@@ -17,7 +17,7 @@ use async_nats::jetstream::context::{
     PublishErrorKind,
 };
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::stream::{self, ConsumerError, ConsumerErrorKind};
+use async_nats::jetstream::stream::{self, ConsumerError, ConsumerErrorKind, RawMessageErrorKind};
 use async_nats::jetstream::{self, AckKind};
 use async_nats::{ConnectErrorKind, ServerAddr};
 use bytes::Bytes;
@@ -27,7 +27,7 @@ use futures::StreamExt;
 use prost::Message;
 
 use super::{
-    check_event, subject_for, BusError, Delivery, EventBus, EventSource, PublishAck,
+    check_event, subject_for, BusError, Delivery, EventBus, EventSource, PublishAck, Stored,
     EVENTS_SUBJECT_PREFIX,
 };
 
@@ -365,6 +365,7 @@ impl NatsBus {
         }
         Ok(NatsSource {
             consumer,
+            stream,
             client: self.client.clone(),
             cfg: self.cfg.clone(),
             durable: durable.to_string(),
@@ -489,6 +490,22 @@ impl NatsBus {
                 let js_error = std::error::Error::source(&e)
                     .and_then(|s| s.downcast_ref::<jetstream::Error>());
                 match js_error {
+                    Some(err)
+                        if [
+                            jetstream::ErrorCode::INSUFFICIENT_RESOURCES,
+                            jetstream::ErrorCode::STORAGE_RESOURCES_EXCEEDED,
+                        ]
+                        .contains(&err.error_code()) =>
+                    {
+                        BusError::Rejected(format!(
+                            "stream {} refused event {id} on {subject} because JetStream storage \
+                             is full ({err}); give the NATS servers more room (jetstream \
+                             max_file_store, disk), or free the stream once the control plane \
+                             has ingested it (custos_bus_consumer_pending is 0): nats stream \
+                             purge {}",
+                            self.cfg.stream, self.cfg.stream
+                        ))
+                    }
                     Some(err) => BusError::Rejected(format!(
                         "stream {} refused event {id} on {subject}: {err}",
                         self.cfg.stream
@@ -534,6 +551,7 @@ impl EventBus for NatsBus {
 /// The NATS JetStream event source: a durable pull consumer.
 pub struct NatsSource {
     consumer: PullConsumer,
+    stream: stream::Stream,
     client: async_nats::Client,
     cfg: Arc<NatsConfig>,
     durable: String,
@@ -598,8 +616,10 @@ impl NatsSource {
             match tokio::time::timeout_at(deadline, batch.next()).await {
                 Err(_) | Ok(None) => break,
                 Ok(Some(Ok(message))) => out.push({
-                    backlog = message.info().ok().map(|i| i.pending);
+                    let info = message.info().ok();
+                    backlog = info.as_ref().map(|i| i.pending);
                     Delivery {
+                        seq: info.map_or(0, |i| i.stream_sequence),
                         data: message.payload.clone(),
                         subject: message.subject.to_string(),
                         acker: super::Acker::Nats(Box::new(Acker {
@@ -645,6 +665,30 @@ impl EventSource for NatsSource {
 
     fn backlog(&self) -> Option<u64> {
         self.backlog
+    }
+
+    fn get(&mut self, seq: u64) -> BoxFuture<'_, Result<Option<Stored>, BusError>> {
+        Box::pin(async move {
+            let bound = self.cfg.publish_timeout();
+            match tokio::time::timeout(bound, self.stream.get_raw_message(seq)).await {
+                Err(_elapsed) => Err(BusError::Timeout {
+                    what: format!(
+                        "JetStream answer reading sequence {seq} of stream {}",
+                        self.cfg.stream
+                    ),
+                    after: bound,
+                }),
+                Ok(Ok(m)) => Ok(Some(Stored {
+                    data: m.payload,
+                    subject: m.subject.to_string(),
+                })),
+                Ok(Err(e)) if e.kind() == RawMessageErrorKind::NoMessageFound => Ok(None),
+                Ok(Err(e)) => Err(self.unavailable(format!(
+                    "reading sequence {seq} of stream {}: {e}",
+                    self.cfg.stream
+                ))),
+            }
+        })
     }
 }
 
