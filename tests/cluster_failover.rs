@@ -132,7 +132,7 @@ async fn no_event_lost_or_duplicated_when_the_leader_is_killed() -> Result<()> {
     let want: u64 = EVENTS;
     for n in &nodes {
         let server = n.server();
-        eventually(
+        let caught_up = eventually(
             Duration::from_secs(120),
             &format!("node {} to hold all events", n.id),
             || {
@@ -145,7 +145,22 @@ async fn no_event_lost_or_duplicated_when_the_leader_is_killed() -> Result<()> {
                 }
             },
         )
-        .await?;
+        .await;
+        if let Err(e) = caught_up {
+            // Why it did not catch up is in the logs: the lagging node's and every other's.
+            for m in &nodes {
+                let log = m.log();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!(
+                    "--- node {} log (last 40 lines, newest first) ---\n{}",
+                    m.id,
+                    tail.join("\n")
+                );
+            }
+            let status = cli(&server, &["cluster", "status"]);
+            eprintln!("--- cluster status from node {} ---\n{}{}", n.id, status.1, status.2);
+            return Err(e);
+        }
         let (counts, head) = ids_on(&server).await?;
         let missing = ids.iter().filter(|id| !counts.contains_key(*id)).count();
         let duplicated = counts.values().filter(|c| **c > 1).count();
