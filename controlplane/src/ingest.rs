@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use custos_core::bus::{EventSource, InProcSource, NatsBus};
 use tokio::sync::{watch, Mutex};
+use tracing::Instrument as _;
 
 use crate::node::{items, Inner};
 use crate::types::{Command, Response};
@@ -121,6 +122,14 @@ fn entry_len(batch: &[custos_core::bus::Delivery]) -> usize {
 }
 
 /// Commit one entry of events and ack them; on failure nack them and return false.
+#[tracing::instrument(name = "ingest.commit", level = "debug", skip_all, fields(
+    node = inner.id,
+    events = batch.len(),
+    appended = tracing::field::Empty,
+    duplicates = tracing::field::Empty,
+    parked = tracing::field::Empty,
+    otel.status_code = tracing::field::Empty,
+))]
 async fn commit(inner: &Inner, batch: Vec<custos_core::bus::Delivery>) -> bool {
     let cmd = Command::Ingest {
         committed_unix_nano: custos_core::events::now_unix_nano(),
@@ -129,10 +138,22 @@ async fn commit(inner: &Inner, batch: Vec<custos_core::bus::Delivery>) -> bool {
     // Commit on this node only: if leadership moved, the new leader pulls the redelivery.
     // Bounded: a leader cut off from its quorum must not hold the batch forever. If the entry
     // commits after the timeout, the redelivered copies are dropped as duplicates.
-    let res = match tokio::time::timeout(COMMIT_TIMEOUT, inner.raft.client_write(cmd)).await {
+    let write = tracing::debug_span!(
+        "raft.client_write",
+        otel.status_code = tracing::field::Empty
+    );
+    let res = match tokio::time::timeout(COMMIT_TIMEOUT, inner.raft.client_write(cmd))
+        .instrument(write.clone())
+        .await
+    {
         Ok(r) => r.map_err(|e| e.to_string()),
         Err(_) => Err(format!("commit did not finish within {COMMIT_TIMEOUT:?}")),
     };
+    if res.is_err() {
+        write.record("otel.status_code", "ERROR");
+        tracing::Span::current().record("otel.status_code", "ERROR");
+    }
+    drop(write);
     match res {
         Ok(resp) => {
             if let Response::Ingested {
@@ -142,6 +163,10 @@ async fn commit(inner: &Inner, batch: Vec<custos_core::bus::Delivery>) -> bool {
                 ..
             } = resp.data
             {
+                let span = tracing::Span::current();
+                span.record("appended", appended);
+                span.record("duplicates", duplicates);
+                span.record("parked", parked);
                 let m = &inner.metrics;
                 m.add(
                     "custos_ingest_events_total",
