@@ -343,6 +343,53 @@ async fn get_metrics(addr: &str) -> Result<String> {
     Ok(page)
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_control_plane_node_exports_from_its_telemetry_section() -> Result<()> {
+    let rx = Receiver::default();
+    let endpoint = rx.start().await?;
+    let root = tempfile::tempdir()?;
+    let mut nodes = common::cluster(root.path(), &[1], &[1], &common::ClusterOpts::default())?;
+    let node = &mut nodes[0];
+    let mut text = std::fs::read_to_string(&node.config)?;
+    text.push_str(&format!(
+        "\n[telemetry]\notlp_endpoint = \"{endpoint}\"\nservice_name = \"cp-under-test\"\nflush_interval_ms = 200\n"
+    ));
+    std::fs::write(&node.config, text)?;
+    node.spawn()?;
+    let server = node.server();
+    // Admin calls once the node leads.
+    common::eventually(Duration::from_secs(20), "a leader", || {
+        let server = server.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                common::cli(&server, &["connection", "list"]).0 == 0
+            })
+            .await
+            .unwrap_or(false)
+        }
+    })
+    .await?;
+    common::eventually(Duration::from_secs(10), "grpc.request spans", || async {
+        rx.spans().iter().any(|s| {
+            s.name == "grpc.request"
+                && attr(s, "rpc.service").as_deref() == Some("custos.v1.Admin")
+                && attr(s, "rpc.method").as_deref() == Some("ListConnections")
+        })
+    })
+    .await?;
+    assert!(rx.service_names().iter().all(|s| s == "cp-under-test"));
+    assert!(
+        rx.spans()
+            .iter()
+            .all(|s| !attr(s, "rpc.service").unwrap_or_default().contains("Raft")),
+        "node-to-node Raft calls are not traced"
+    );
+    let everything = format!("{:?}", rx.requests.lock().unwrap());
+    assert!(!everything.contains(common::ADMIN_TOKEN));
+    assert!(node.log().contains("exporting trace spans over OTLP/gRPC"));
+    Ok(())
+}
+
 /// The cost of exporting, measured: the same queries through an edge without an endpoint and
 /// through one exporting every span to a live receiver. Run by hand:
 /// `cargo test --test otlp -- --ignored --nocapture`.
