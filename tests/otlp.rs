@@ -145,6 +145,21 @@ async fn spans_of_a_postgres_session_reach_a_real_otlp_receiver() -> Result<()> 
         .await?;
     assert_eq!(rows.len(), 1);
     drop(c);
+    // The HTTP listener: a request for a connection that does not exist, with a token.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", env.http_port)).await?;
+        s.write_all(
+            format!(
+                "GET /nowhere/v1/items?email=ada@example.com HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).await?;
+        assert!(resp.starts_with("HTTP/1.1 404"), "{resp}");
+    }
 
     // Spans leave within the flush interval (2 s); the session span when the session ends.
     let want = |spans: &[Span]| {
@@ -157,6 +172,7 @@ async fn spans_of_a_postgres_session_reach_a_real_otlp_receiver() -> Result<()> 
             && named(spans, "pg.session").len() >= 3
             && !named(spans, "grpc.request").is_empty()
             && !named(spans, "ingest.commit").is_empty()
+            && !named(spans, "http.request").is_empty()
     };
     let t0 = Instant::now();
     while !want(&rx.spans()) && t0.elapsed() < Duration::from_secs(20) {
@@ -180,6 +196,7 @@ async fn spans_of_a_postgres_session_reach_a_real_otlp_receiver() -> Result<()> 
         "upstream",
         "grpc.request",
         "ingest.commit",
+        "http.request",
     ] {
         assert!(names.contains(n), "no {n} span among {names:?}");
     }
@@ -240,6 +257,12 @@ async fn spans_of_a_postgres_session_reach_a_real_otlp_receiver() -> Result<()> 
         attr(authorize, "policies").as_deref(),
         Some("no-drop-or-truncate")
     );
+    let http = named(&spans, "http.request")[0];
+    assert_eq!(attr(http, "http.request.method").as_deref(), Some("GET"));
+    assert_eq!(
+        attr(http, "http.response.status_code").as_deref(),
+        Some("404")
+    );
     let auth = named(&spans, "authenticate");
     assert!(auth
         .iter()
@@ -254,7 +277,8 @@ async fn spans_of_a_postgres_session_reach_a_real_otlp_receiver() -> Result<()> 
         ("the target password", env.app_password.as_str()),
         ("statement data", DATA_MARKER),
         ("statement text", "FROM users"),
-        ("a parameter", "ada@example.com"),
+        ("a parameter or query string", "ada@example.com"),
+        ("a request path", "/nowhere"),
     ] {
         assert!(!secret.is_empty());
         assert!(!everything.contains(secret), "{what} reached the collector");
