@@ -191,12 +191,14 @@ impl Telemetry {
         self.inner.is_some()
     }
 
-    /// Send what is queued (waiting at most a few export timeouts), then stop the exporter.
+    /// Send what is queued, then stop the exporter. Waits at most one export timeout: a
+    /// collector that does not answer must not eat the shutdown grace period (Kubernetes
+    /// gives 30 s by default, and the edge's drain already takes up to 10).
     pub async fn shutdown(self) {
         let Some(i) = self.inner else { return };
         let (done, wait) = oneshot::channel();
         if i.flush.send(done).await.is_ok() {
-            let _ = tokio::time::timeout(i.timeout * 5, wait).await;
+            let _ = tokio::time::timeout(i.timeout, wait).await;
         }
         let _ = i.provider.shutdown();
         let s = &i.stats;
