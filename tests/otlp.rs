@@ -135,6 +135,10 @@ async fn spans_of_a_postgres_session_reach_a_real_otlp_receiver() -> Result<()> 
     let (code, _, err) = env.psql(&t, "agent:reporter", "DROP TABLE canary");
     assert_ne!(code, 0);
     assert!(err.contains("no-drop-or-truncate"), "{err}");
+    // Held for approval (dba-leads, 2 s), then refused when nobody decides.
+    let (code, _, err) = env.psql(&t, "agent:reporter", "GRANT SELECT ON users TO PUBLIC");
+    assert_ne!(code, 0);
+    assert!(err.contains("waiting for approval"), "{err}");
     // tokio-postgres: the extended protocol (Parse/Bind/Execute) with a parameter.
     let c = env.client(&t, "agent:reporter").await?;
     let rows = c
@@ -163,9 +167,10 @@ async fn spans_of_a_postgres_session_reach_a_real_otlp_receiver() -> Result<()> 
 
     // Spans leave within the flush interval (2 s); the session span when the session ends.
     let want = |spans: &[Span]| {
-        named(spans, "pg.statement")
-            .iter()
-            .any(|s| attr(s, "verdict").as_deref() == Some("deny"))
+        !named(spans, "approval.hold").is_empty()
+            && named(spans, "pg.statement")
+                .iter()
+                .any(|s| attr(s, "verdict").as_deref() == Some("deny"))
             && named(spans, "pg.statement")
                 .iter()
                 .any(|s| attr(s, "pg.message").as_deref() == Some("execute"))
@@ -263,6 +268,22 @@ async fn spans_of_a_postgres_session_reach_a_real_otlp_receiver() -> Result<()> 
         attr(http, "http.response.status_code").as_deref(),
         Some("404")
     );
+    // The hold: as long as the command waited, under its statement.
+    let hold = named(&spans, "approval.hold")
+        .into_iter()
+        .next()
+        .expect("an approval.hold span");
+    assert_eq!(attr(hold, "group").as_deref(), Some("dba-leads"));
+    assert_eq!(attr(hold, "outcome").as_deref(), Some("deny"));
+    assert!(attr(hold, "approval_id").is_some());
+    let held_ns = hold.end_time_unix_nano - hold.start_time_unix_nano;
+    assert!(held_ns >= 1_500_000_000, "held {held_ns} ns");
+    let granted = spans
+        .iter()
+        .find(|s| s.span_id == hold.parent_span_id)
+        .unwrap();
+    assert_eq!(granted.name, "pg.statement");
+    assert_eq!(attr(granted, "action").as_deref(), Some("sql:grant"));
     let auth = named(&spans, "authenticate");
     assert!(auth
         .iter()
