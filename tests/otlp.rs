@@ -435,6 +435,58 @@ async fn a_control_plane_node_exports_from_its_telemetry_section() -> Result<()>
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_edge_exports_from_its_telemetry_section() -> Result<()> {
+    let rx = Receiver::default();
+    let endpoint = rx.start().await?;
+    let nats = common::Nats::start()?;
+    let dir = tempfile::tempdir()?;
+    let cfg = dir.path().join("edge.toml");
+    let port = common::free_port();
+    // No control plane: the edge refuses every client, which is still a session to trace.
+    std::fs::write(
+        &cfg,
+        format!(
+            "[edge]\nid = \"traced\"\n[controlplane]\nservers = [\"127.0.0.1:1\"]\ntoken = \"x\"\n\
+             [postgres]\nlisten = \"127.0.0.1:{port}\"\nallow_insecure_password = true\n\
+             [bus.nats]\nurl = \"{}\"\n\
+             [telemetry]\notlp_endpoint = \"{endpoint}\"\nflush_interval_ms = 200\n",
+            nats.url()
+        ),
+    )?;
+    let mut child = std::process::Command::new(common::custos_bin())
+        .args(["edge", "--config"])
+        .arg(&cfg)
+        .env_remove("OTEL_SERVICE_NAME")
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    common::wait_port(port, Duration::from_secs(20))?;
+    let out = tokio::process::Command::new("psql")
+        .args(["-X", "-c", "SELECT 1"])
+        .arg(format!(
+            "host=127.0.0.1 port={port} dbname=app user=a sslmode=disable"
+        ))
+        .env("PGPASSWORD", "x")
+        .output()
+        .await?;
+    assert!(!out.status.success());
+    let found = common::eventually(
+        Duration::from_secs(10),
+        "the refused session's span",
+        || async {
+            rx.spans().iter().any(|s| {
+                s.name == "pg.session" && attr(s, "outcome").as_deref() == Some("refused:57P03")
+            })
+        },
+    )
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    found?;
+    assert!(rx.service_names().iter().all(|s| s == "custos-edge"));
+    Ok(())
+}
+
 /// The cost of exporting, measured: the same queries through an edge without an endpoint and
 /// through one exporting every span to a live receiver. Run by hand:
 /// `cargo test --test otlp -- --ignored --nocapture`.
