@@ -37,6 +37,13 @@ pub struct DevArgs {
     /// this is for clients that cannot do TLS).
     #[arg(long)]
     pub allow_insecure_password: bool,
+    /// Export tracing spans over OTLP/gRPC to this collector, e.g. http://127.0.0.1:4317
+    /// (default: OTEL_EXPORTER_OTLP_ENDPOINT; unset, nothing is exported).
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
+    /// Share of new traces exported, 0.0 to 1.0.
+    #[arg(long, default_value_t = 1.0)]
+    pub otlp_sample_ratio: f64,
 }
 
 /// The configuration `custos dev` runs with.

@@ -1,6 +1,6 @@
 //! The `custos` command line: parses arguments and calls into the libraries.
 //!
-//! `main.rs` only installs the crypto provider and tracing and calls [`run`].
+//! `main.rs` only installs the crypto provider and tracing ([`telemetry`]) and calls [`run`].
 #![forbid(unsafe_code)]
 
 mod approvals_cmd;
@@ -11,6 +11,7 @@ pub mod local_cluster;
 mod mask_cmd;
 mod render;
 pub mod replay;
+pub mod telemetry;
 
 use std::path::PathBuf;
 

@@ -3,20 +3,20 @@ use clap::Parser;
 fn main() {
     // One TLS crypto provider for every crate (tonic, async-nats, rustls): ring.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CUSTOS_LOG")
-                .unwrap_or_else(|_| "warn,custos=info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = custos_cli::Cli::parse();
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-    match rt.block_on(custos_cli::run(cli)) {
-        Ok(code) => std::process::exit(code),
+    // The log, and OTLP span export when this command is a daemon with an endpoint configured.
+    let telemetry = {
+        let _in_runtime = rt.enter();
+        custos_cli::telemetry::install(custos_cli::telemetry::config_for(&cli))
+    };
+    let code = match rt.block_on(custos_cli::run(cli)) {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::exit(2);
+            2
         }
-    }
+    };
+    rt.block_on(telemetry.shutdown());
+    std::process::exit(code);
 }

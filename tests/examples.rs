@@ -60,6 +60,52 @@ fn every_example_edge_config_loads() {
     }
 }
 
+/// The commented-out `[telemetry]` block of a config, uncommented (None when it has none).
+fn telemetry_block(text: &str) -> Option<String> {
+    let mut lines = text.lines().skip_while(|l| l.trim() != "# [telemetry]");
+    let mut out = format!("{}\n", lines.next()?.trim_start_matches("# "));
+    for l in lines {
+        let Some(kv) = l.strip_prefix("# ").filter(|kv| kv.contains(" = ")) else {
+            break;
+        };
+        out.push_str(kv);
+        out.push('\n');
+    }
+    Some(out)
+}
+
+#[test]
+fn the_commented_telemetry_examples_load_when_uncommented() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let mut seen = 0;
+    for p in files(&root, "toml") {
+        let text = std::fs::read_to_string(&p).unwrap();
+        let Some(block) = telemetry_block(&text) else {
+            continue;
+        };
+        seen += 1;
+        let on = std::env::temp_dir().join(format!(
+            "custos-telemetry-{}-{}",
+            std::process::id(),
+            p.file_name().unwrap().to_string_lossy()
+        ));
+        std::fs::write(&on, format!("{text}\n{block}")).unwrap();
+        let t = if is_edge_config(&p) {
+            custos_edge::config::EdgeFileConfig::load(&on)
+                .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+                .telemetry
+        } else {
+            custos_controlplane::ControlPlaneConfig::load(&on)
+                .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+                .telemetry
+        };
+        let _ = std::fs::remove_file(&on);
+        assert!(t.otlp_endpoint.is_some(), "{}: {block}", p.display());
+        assert!(t.sample_ratio < 1.0, "{}: {block}", p.display());
+    }
+    assert!(seen >= 4, "only {seen} configs show [telemetry]");
+}
+
 #[test]
 fn every_example_policy_validates() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");

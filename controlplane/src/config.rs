@@ -22,6 +22,8 @@ pub struct ControlPlaneConfig {
     pub webhooks: Vec<crate::notify_task::WebhookConfig>,
     /// Prometheus metrics at `GET http://<listen>/metrics` (docs/operations.md).
     pub metrics: MetricsConfig,
+    /// Tracing spans over OTLP/gRPC (docs/operations.md, Traces); off unless an endpoint is set.
+    pub telemetry: custos_core::telemetry::TelemetryConfig,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -254,6 +256,9 @@ impl ControlPlaneConfig {
                 return bad("webhooks.url", "must be an http(s) URL");
             }
         }
+        self.telemetry
+            .validate()
+            .or_else(|m| bad("telemetry", &m))?;
         Ok(())
     }
 

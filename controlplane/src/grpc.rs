@@ -167,6 +167,7 @@ pub(crate) async fn serve(
         },
     );
     let res = builder
+        .trace_fn(grpc_span)
         .add_service(pb::admin_server::AdminServer::new(svc.clone()))
         .add_service(
             pb::audit_server::AuditServer::new(svc.clone())
@@ -188,6 +189,27 @@ pub(crate) async fn serve(
     if let Err(e) = res {
         tracing::error!(error = %e, "gRPC server stopped");
     }
+}
+
+/// One span per gRPC call (`grpc.request`, with the method), except node-to-node Raft traffic:
+/// heartbeats several times a second would drown everything else. The caller's metadata (its
+/// bearer token) is not looked at.
+fn grpc_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
+    let path = req.uri().path();
+    if path.starts_with("/custos.v1.Raft/") {
+        return tracing::Span::none();
+    }
+    let (service, method) = path
+        .trim_start_matches('/')
+        .split_once('/')
+        .unwrap_or(("", path));
+    tracing::debug_span!(
+        "grpc.request",
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = service,
+        rpc.method = method,
+    )
 }
 
 // ===== Admin =================================================================================

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use custos_core::bus::{EventSource, InProcSource, NatsBus};
 use tokio::sync::{watch, Mutex};
+use tracing::Instrument as _;
 
 use crate::node::{items, Inner};
 use crate::types::{Command, IngestItem, Response};
@@ -238,10 +239,22 @@ async fn propose(inner: &Inner, cmd: Command) -> Result<Response, String> {
     // Commit on this node only: if leadership moved, the new leader pulls the redelivery.
     // Bounded: a leader cut off from its quorum must not hold the batch forever. If the entry
     // commits after the timeout, the redelivered copies are dropped as duplicates.
-    match tokio::time::timeout(COMMIT_TIMEOUT, inner.raft.client_write(cmd)).await {
+    let write = tracing::debug_span!(
+        "raft.client_write",
+        otel.status_code = tracing::field::Empty
+    );
+    let res = match tokio::time::timeout(COMMIT_TIMEOUT, inner.raft.client_write(cmd))
+        .instrument(write.clone())
+        .await
+    {
         Ok(r) => r.map(|r| r.data).map_err(|e| e.to_string()),
         Err(_) => Err(format!("commit did not finish within {COMMIT_TIMEOUT:?}")),
+    };
+    if res.is_err() {
+        write.record("otel.status_code", "ERROR");
+        tracing::Span::current().record("otel.status_code", "ERROR");
     }
+    res
 }
 
 /// Count an ingest outcome in the metrics.
@@ -253,6 +266,10 @@ fn count(inner: &Inner, resp: &Response) {
         ..
     } = *resp
     {
+        let span = tracing::Span::current();
+        span.record("appended", appended);
+        span.record("duplicates", duplicates);
+        span.record("parked", parked);
         let m = &inner.metrics;
         m.add(
             "custos_ingest_events_total",
@@ -291,6 +308,14 @@ fn entry_len(batch: &[custos_core::bus::Delivery]) -> usize {
 }
 
 /// Commit one entry of events and ack them; on failure nack them and return false.
+#[tracing::instrument(name = "ingest.commit", level = "debug", skip_all, fields(
+    node = inner.id,
+    events = batch.len(),
+    appended = tracing::field::Empty,
+    duplicates = tracing::field::Empty,
+    parked = tracing::field::Empty,
+    otel.status_code = tracing::field::Empty,
+))]
 async fn commit(inner: &Inner, batch: Vec<custos_core::bus::Delivery>) -> bool {
     let cmd = Command::Ingest {
         committed_unix_nano: custos_core::events::now_unix_nano(),

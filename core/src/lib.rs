@@ -16,6 +16,7 @@
 //! - [`token`]: custos-issued tokens (only their hashes are stored).
 //! - [`secrets`]: AEAD encryption of connection credentials at rest.
 //! - [`oidc`]: OIDC JWT verification against the identity provider's JWKS (file or URL).
+//! - [`telemetry`]: the `[telemetry]` configuration: where spans go over OTLP, if anywhere.
 #![forbid(unsafe_code)]
 
 pub mod audit;
@@ -28,6 +29,7 @@ pub mod metrics;
 pub mod oidc;
 pub mod policy;
 pub mod secrets;
+pub mod telemetry;
 pub mod token;
 
 pub use custos_proto as proto;

@@ -179,7 +179,9 @@ pub async fn serve(
             let line = String::from_utf8_lossy(&buf[..n]);
             let ok = line.starts_with("GET /metrics ") || line.starts_with("GET /metrics?");
             let (status, ctype, body) = if ok {
-                ("200 OK", "text/plain; version=0.0.4", render())
+                let mut page = render();
+                crate::telemetry::append_metrics(&mut page);
+                ("200 OK", "text/plain; version=0.0.4", page)
             } else {
                 (
                     "404 Not Found",

@@ -26,6 +26,9 @@
 //!
 //! [masking]                                # see docs/masking.md
 //! columns = [ { pattern = "*ssn*", strategy = "null" } ]
+//!
+//! [telemetry]                              # optional: spans over OTLP/gRPC
+//! otlp_endpoint = "http://127.0.0.1:4317"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -46,6 +49,8 @@ pub struct EdgeFileConfig {
     pub metrics: MetricsSection,
     pub oidc: Option<OidcConfig>,
     pub masking: MaskConfig,
+    /// Tracing spans over OTLP/gRPC (docs/operations.md, Traces); off unless an endpoint is set.
+    pub telemetry: custos_core::telemetry::TelemetryConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -248,6 +253,7 @@ impl EdgeFileConfig {
         }
         custos_core::mask::Masker::new(&self.masking)
             .map_err(|e| ConfigError(format!("[masking] {e}")))?;
+        self.telemetry.validate().map_err(ConfigError)?;
         Ok(())
     }
 

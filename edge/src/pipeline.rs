@@ -9,6 +9,11 @@
 //! A protocol module (today `pg`) owns the wire format and the classification of its commands;
 //! everything that decides or records lives here, so MySQL, SSH, Kubernetes and HTTP plug into
 //! the same steps.
+//!
+//! Each step is a DEBUG tracing span (`authenticate`, `authorize`, `approval.hold`, `record`;
+//! the protocols add their session, statement and `upstream` spans), exported over OTLP when the
+//! process has an endpoint (docs/operations.md, Traces). Span attributes name kinds, verdicts and
+//! ids, never tokens, secrets or statement text.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,6 +68,23 @@ pub enum AuthError {
     OidcDisabled,
 }
 
+impl AuthError {
+    /// A short name of the cause, for span attributes (no ids, no user input).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AuthError::Empty => "empty",
+            AuthError::Malformed => "malformed",
+            AuthError::Unknown(_) => "unknown_token",
+            AuthError::Revoked(_) => "revoked",
+            AuthError::Expired(_) => "expired",
+            AuthError::BadSecret(_) => "bad_secret",
+            AuthError::SubjectMismatch { .. } => "subject_mismatch",
+            AuthError::Oidc(_) => "oidc_rejected",
+            AuthError::OidcDisabled => "oidc_disabled",
+        }
+    }
+}
+
 /// Checks custos-issued tokens against the hashes the control plane streamed, and OIDC JWTs
 /// against the configured issuer's JWKS.
 #[derive(Clone, Default)]
@@ -72,24 +94,35 @@ pub struct Authenticator {
 
 impl Authenticator {
     /// A login with a user name (Postgres): the token must belong to that user.
+    #[tracing::instrument(name = "authenticate", level = "debug", skip_all,
+        fields(method = tracing::field::Empty, result = tracing::field::Empty, otel.status_code = tracing::field::Empty))]
     pub async fn authenticate(
         &self,
         cfg: &EdgeConfig,
         user: &str,
         token: &str,
     ) -> Result<Identity, AuthError> {
-        let id = self.identify(cfg, token).await?;
-        if id.subject != user {
-            return Err(AuthError::SubjectMismatch {
+        let r = match self.check(cfg, token).await {
+            Ok(id) if id.subject != user => Err(AuthError::SubjectMismatch {
                 user: user.to_string(),
                 subject: id.subject,
-            });
-        }
-        Ok(id)
+            }),
+            r => r,
+        };
+        auth_span_result(&r);
+        r
     }
 
     /// Who a bearer token belongs to (HTTP): a custos token or an OIDC JWT.
+    #[tracing::instrument(name = "authenticate", level = "debug", skip_all,
+        fields(method = tracing::field::Empty, result = tracing::field::Empty, otel.status_code = tracing::field::Empty))]
     pub async fn identify(&self, cfg: &EdgeConfig, token: &str) -> Result<Identity, AuthError> {
+        let r = self.check(cfg, token).await;
+        auth_span_result(&r);
+        r
+    }
+
+    async fn check(&self, cfg: &EdgeConfig, token: &str) -> Result<Identity, AuthError> {
         let token = token.trim();
         if token.is_empty() {
             return Err(AuthError::Empty);
@@ -134,6 +167,21 @@ impl Authenticator {
     }
 }
 
+/// The outcome of an authentication on the current (`authenticate`) span.
+fn auth_span_result(r: &Result<Identity, AuthError>) {
+    let span = tracing::Span::current();
+    match r {
+        Ok(id) => {
+            span.record("method", id.method);
+            span.record("result", "ok");
+        }
+        Err(e) => {
+            span.record("result", e.kind());
+            span.record("otel.status_code", "ERROR");
+        }
+    }
+}
+
 // ===== authorize ===============================================================================
 
 /// What a command may do.
@@ -157,6 +205,19 @@ pub struct Verdict {
 }
 
 impl Verdict {
+    /// `allow`, `deny`, `pending_approval`, or `approved` when an approval or grant let it run
+    /// (the label of `custos_edge_commands_total` and of the spans).
+    pub fn label(&self, approved: bool) -> &'static str {
+        if approved {
+            return "approved";
+        }
+        match self.outcome {
+            Outcome::Allow => "allow",
+            Outcome::Deny => "deny",
+            Outcome::Approval(_) => "pending_approval",
+        }
+    }
+
     pub fn pb(&self) -> PbVerdict {
         match self.outcome {
             Outcome::Allow => PbVerdict::Allow,
@@ -205,6 +266,30 @@ impl Policies {
     /// Decide a command: every action must be allowed. The first denial wins; otherwise the first
     /// approval requirement holds the command. Fails closed when there is no usable policy.
     pub fn decide(
+        &self,
+        cfg: &EdgeConfig,
+        who: &Identity,
+        conn: &Connection,
+        actions: &[ActionRequest<'_>],
+    ) -> Verdict {
+        let span = tracing::debug_span!(
+            "authorize",
+            actions = actions.len(),
+            action = tracing::field::Empty,
+            verdict = tracing::field::Empty,
+            policies = tracing::field::Empty,
+        );
+        let _in = span.enter();
+        let v = self.decide_now(cfg, who, conn, actions);
+        span.record("action", v.action.as_str());
+        span.record("verdict", v.label(false));
+        if !v.policies.is_empty() {
+            span.record("policies", v.policies.join(",").as_str());
+        }
+        v
+    }
+
+    fn decide_now(
         &self,
         cfg: &EdgeConfig,
         who: &Identity,
@@ -441,6 +526,13 @@ pub enum AuditMode {
 }
 
 impl AuditMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditMode::Strict => "strict",
+            AuditMode::Async => "async",
+        }
+    }
+
     pub fn of(conn: &Connection) -> Result<AuditMode, String> {
         match conn.options.get("audit_mode").map(String::as_str) {
             None | Some("strict") => Ok(AuditMode::Strict),
@@ -571,18 +663,9 @@ impl Recorder {
 
     /// Count a judged command (`custos_edge_commands_total`).
     pub fn count_command(&self, protocol: &str, verdict: &Verdict, approved: bool) {
-        let v = if approved {
-            "approved"
-        } else {
-            match verdict.outcome {
-                Outcome::Allow => "allow",
-                Outcome::Deny => "deny",
-                Outcome::Approval(_) => "pending_approval",
-            }
-        };
         self.metrics.inc(
             "custos_edge_commands_total",
-            &[("protocol", protocol), ("verdict", v)],
+            &[("protocol", protocol), ("verdict", verdict.label(approved))],
         );
     }
 
@@ -598,9 +681,17 @@ impl Recorder {
     }
 
     /// Strict or queued, by mode.
+    #[tracing::instrument(name = "record", level = "debug", skip_all,
+        fields(audit_mode = mode.as_str(), otel.status_code = tracing::field::Empty))]
     pub async fn record(&self, mode: AuditMode, ev: Event) -> Result<(), BusError> {
         match mode {
-            AuditMode::Strict => self.strict(&ev).await,
+            AuditMode::Strict => {
+                let r = self.strict(&ev).await;
+                if r.is_err() {
+                    tracing::Span::current().record("otel.status_code", "ERROR");
+                }
+                r
+            }
             AuditMode::Async => {
                 self.later(ev).await;
                 Ok(())

@@ -39,6 +39,8 @@ use parking_lot::Mutex;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tracing::field::Empty;
+use tracing::Instrument as _;
 
 use crate::pipeline::{
     command_received, ActionRequest, ApprovalHook, ApprovalRequest, AuditMode, Held, HoldStart,
@@ -157,7 +159,32 @@ impl HttpEdge {
         let service = hyper::service::service_fn(move |req| {
             let edge = edge.clone();
             let sess = s2.clone();
-            async move { Ok::<_, Infallible>(edge.handle(sess, req).await) }
+            async move {
+                // One span per request, up to the response headers (the path and query are
+                // left out: they can carry data).
+                let span = tracing::debug_span!(
+                    "http.request",
+                    otel.kind = "server",
+                    http.request.method = req.method().as_str(),
+                    client.address = %sess.peer,
+                    protocol = Empty,
+                    connection = Empty,
+                    identity = Empty,
+                    session_id = sess.id.as_str(),
+                    command_id = Empty,
+                    action = Empty,
+                    verdict = Empty,
+                    approval_id = Empty,
+                    http.response.status_code = Empty,
+                    otel.status_code = Empty,
+                );
+                let resp = edge.handle(sess, req).instrument(span.clone()).await;
+                span.record("http.response.status_code", resp.status().as_u16());
+                if resp.status().is_server_error() {
+                    span.record("otel.status_code", "ERROR");
+                }
+                Ok::<_, Infallible>(resp)
+            }
         });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
@@ -262,6 +289,11 @@ impl HttpEdge {
                 json!({}),
             );
         };
+        {
+            let span = tracing::Span::current();
+            span.record("connection", conn.name.as_str());
+            span.record("protocol", conn.kind.as_str());
+        }
         // Who is asking.
         let anonymous = Origin {
             edge_id: self.svc.edge_id.clone(),
@@ -288,6 +320,7 @@ impl HttpEdge {
             }
         };
         drop(token);
+        tracing::Span::current().record("identity", who.subject.as_str());
         let origin = self.origin(&sess, &who, &conn).await;
         let mut req = req;
         let upgrade = if respond::is_upgrade(req.headers()) {
@@ -522,18 +555,25 @@ impl HttpEdge {
                 refuse_now,
             };
             let hook = self.svc.approvals.clone();
-            let out = match hook.start(&areq).await {
+            let hold = tracing::debug_span!(
+                "approval.hold",
+                group = requirement.group.as_str(),
+                approval_id = Empty,
+                outcome = Empty
+            );
+            let out = match hook.start(&areq).instrument(hold.clone()).await {
                 HoldStart::Done(o) => o,
                 HoldStart::Held(held) if refuse_now => {
                     crate::pipeline::refused_at_once(&verdict, &held, &conn.name)
                 }
                 HoldStart::Held(held) => {
+                    hold.record("approval_id", held.approval_id.as_str());
                     // If the client goes away, hyper drops this future: the guard cancels.
                     let mut guard = CancelOnDrop {
                         hook: hook.clone(),
                         held: Some(held.clone()),
                     };
-                    let o = hook.wait(&held).await;
+                    let o = hook.wait(&held).instrument(hold.clone()).await;
                     guard.held = None;
                     o
                 }
@@ -541,7 +581,21 @@ impl HttpEdge {
             (approval_id, approved) = self
                 .svc
                 .settle_approval(mode, &origin, &command_id, &mut verdict, out)
+                .instrument(hold.clone())
                 .await;
+            hold.record("outcome", verdict.label(approved));
+            if !approval_id.is_empty() {
+                hold.record("approval_id", approval_id.as_str());
+            }
+        }
+        {
+            let span = tracing::Span::current();
+            span.record("command_id", command_id.as_str());
+            span.record("action", verdict.action.as_str());
+            span.record("verdict", verdict.label(approved));
+            if !approval_id.is_empty() {
+                span.record("approval_id", approval_id.as_str());
+            }
         }
         // Record the command (strict: acknowledged before anything is forwarded).
         let mut ev = command_received(
@@ -605,12 +659,28 @@ impl HttpEdge {
                         .await;
                 }
             };
-        let resp = match tokio::time::timeout(
+        let upstream = tracing::debug_span!(
+            "upstream",
+            otel.kind = "client",
+            http.response.status_code = Empty,
+            otel.status_code = Empty,
+        );
+        let sent = tokio::time::timeout(
             self.opts.upstream_timeout,
             self.client.request(upstream_req),
         )
-        .await
-        {
+        .instrument(upstream.clone())
+        .await;
+        match &sent {
+            Ok(Ok(r)) => {
+                upstream.record("http.response.status_code", r.status().as_u16());
+            }
+            _ => {
+                upstream.record("otel.status_code", "ERROR");
+            }
+        }
+        drop(upstream);
+        let resp = match sent {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 let why = format!(

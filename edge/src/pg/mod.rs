@@ -20,6 +20,8 @@ use parking_lot::Mutex;
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tracing::field::Empty;
+use tracing::Instrument as _;
 
 use crate::pipeline::{AuditMode, Services};
 use upstream::{BoxIo, Target};
@@ -92,11 +94,32 @@ impl PgEdge {
             };
             let _ = tcp.set_nodelay(true);
             let edge = self.clone();
-            tokio::spawn(async move {
-                if let Err(e) = edge.handle(tcp, peer).await {
-                    tracing::debug!(peer = %peer, error = %e, "session ended with an error");
+            // The session's span: every statement of the session is a child (docs/operations.md).
+            let span = tracing::debug_span!(
+                "pg.session",
+                otel.kind = "server",
+                protocol = "postgres",
+                client.address = %peer,
+                tls = Empty,
+                identity = Empty,
+                connection = Empty,
+                session_id = Empty,
+                outcome = Empty,
+                commands = Empty,
+                denied = Empty,
+                otel.status_code = Empty,
+            );
+            tokio::spawn(
+                async move {
+                    if let Err(e) = edge.handle(tcp, peer).await {
+                        let span = tracing::Span::current();
+                        span.record("outcome", "error");
+                        span.record("otel.status_code", "ERROR");
+                        tracing::debug!(peer = %peer, error = %e, "session ended with an error");
+                    }
                 }
-            });
+                .instrument(span),
+            );
         }
     }
 
@@ -174,6 +197,7 @@ impl PgEdge {
             }
             writer.msg(b'v', &m);
         }
+        tracing::Span::current().record("tls", tls);
         let session = Login {
             edge: self.clone(),
             peer,
@@ -201,6 +225,10 @@ impl PgEdge {
 
 /// Send a FATAL error and close.
 async fn fatal(w: &mut ClientWriter, code: &str, message: &str, hint: Option<&str>) {
+    // Only the SQLSTATE: the message can name users and connections the client typed.
+    let span = tracing::Span::current();
+    span.record("outcome", format!("refused:{code}").as_str());
+    span.record("otel.status_code", "ERROR");
     let body = wire::error_body("FATAL", code, message, None, hint);
     w.msg(b'E', &body);
     w.shutdown().await;
@@ -303,6 +331,7 @@ impl Login {
             }
         };
         drop(token);
+        tracing::Span::current().record("identity", who.subject.as_str());
         let Some(conn) = cfg.connections.get(&database).cloned() else {
             fatal(
                 &mut writer,
@@ -333,9 +362,21 @@ impl Login {
             .filter(|(k, _)| PASS_THROUGH.contains(&k.to_ascii_lowercase().as_str()))
             .cloned()
             .collect();
-        let up = match upstream::connect(&target, &extra).await {
+        tracing::Span::current().record("connection", conn.name.as_str());
+        let login = tracing::debug_span!(
+            "upstream.connect",
+            otel.kind = "client",
+            db.system = "postgresql",
+            otel.status_code = Empty
+        );
+        let up = match upstream::connect(&target, &extra)
+            .instrument(login.clone())
+            .await
+        {
             Ok(u) => u,
             Err(e) => {
+                login.record("otel.status_code", "ERROR");
+                drop(login);
                 tracing::warn!(connection = %conn.name, error = %e, "upstream login failed");
                 fatal(
                     &mut writer,
@@ -347,12 +388,14 @@ impl Login {
                 return Ok(());
             }
         };
+        drop(login);
         let origin = Origin {
             edge_id: svc.edge_id.clone(),
             session_id: new_id(),
             identity: who.subject.clone(),
             connection: conn.name.clone(),
         };
+        tracing::Span::current().record("session_id", origin.session_id.as_str());
         svc.recorder
             .metrics
             .inc("custos_edge_sessions_total", &[("protocol", "postgres")]);
@@ -440,6 +483,10 @@ impl Login {
             error: outcome.error.clone().unwrap_or_default(),
         }));
         svc.recorder.later(ended).await;
+        let span = tracing::Span::current();
+        span.record("outcome", outcome.reason.as_str());
+        span.record("commands", outcome.commands);
+        span.record("denied", outcome.denied);
         tracing::info!(session = %origin.session_id, reason = %outcome.reason, "session ended");
         Ok(())
     }

@@ -27,6 +27,8 @@ use custos_core::proto::v1::{
 use parking_lot::Mutex;
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
+use tracing::field::Empty;
+use tracing::Instrument as _;
 
 use super::catalog::Catalog;
 use super::upstream::{BoxIo, Target, Upstream};
@@ -121,6 +123,10 @@ struct Cmd {
     copy: Option<StreamMasker>,
     rows_cap: usize,
     bytes_cap: usize,
+    /// The statement's span, open until the command completes.
+    span: tracing::Span,
+    /// Its time at the upstream, when it was forwarded.
+    upstream: Option<tracing::Span>,
 }
 
 impl Cmd {
@@ -141,8 +147,29 @@ impl Cmd {
             copy: None,
             rows_cap,
             bytes_cap,
+            span: tracing::Span::none(),
+            upstream: None,
         }
     }
+}
+
+/// The span of one judged statement (a simple Query, or a Parse/Execute of the extended
+/// protocol). Its attributes are the statement kinds and the verdict, never the text.
+fn statement_span(message: &'static str, stmts: &[Statement]) -> tracing::Span {
+    let mut kinds: Vec<&str> = stmts.iter().map(|s| s.statement_kind.as_str()).collect();
+    kinds.dedup();
+    tracing::debug_span!(
+        "pg.statement",
+        pg.message = message,
+        statements = stmts.len(),
+        db.operation = kinds.join(",").as_str(),
+        command_id = Empty,
+        action = Empty,
+        verdict = Empty,
+        approval_id = Empty,
+        rows = Empty,
+        otel.status_code = Empty,
+    )
 }
 
 enum Kind {
@@ -436,8 +463,37 @@ impl ClientHalf<'_, '_> {
         stmts
     }
 
-    /// Hold for approval if needed, record the command, and say whether it may run.
+    /// Hold for approval if needed, record the command, and say whether it may run; in the
+    /// statement's span, which the command keeps until it completes.
     async fn gate(
+        &mut self,
+        span: tracing::Span,
+        text: &str,
+        stmts: &[Statement],
+        verdict: Verdict,
+        parameters: Vec<String>,
+    ) -> Result<(Box<Cmd>, Option<Bytes>), WireError> {
+        let (mut cmd, deny) = self
+            .gate_now(text, stmts, verdict, parameters)
+            .instrument(span.clone())
+            .await?;
+        if deny.is_none() {
+            cmd.upstream = Some(tracing::debug_span!(
+                parent: &span,
+                "upstream",
+                otel.kind = "client",
+                db.system = "postgresql",
+                rows = Empty,
+                otel.status_code = Empty,
+            ));
+        } else {
+            span.record("otel.status_code", "ERROR");
+        }
+        cmd.span = span;
+        Ok((cmd, deny))
+    }
+
+    async fn gate_now(
         &mut self,
         text: &str,
         stmts: &[Statement],
@@ -481,9 +537,16 @@ impl ClientHalf<'_, '_> {
                 refuse_now,
             };
             let hook = &r.services.approvals;
-            let out = match hook.start(&areq).await {
+            let hold = tracing::debug_span!(
+                "approval.hold",
+                group = req.group.as_str(),
+                approval_id = Empty,
+                outcome = Empty
+            );
+            let out = match hook.start(&areq).instrument(hold.clone()).await {
                 HoldStart::Done(o) => o,
                 HoldStart::Held(held) => {
+                    hold.record("approval_id", held.approval_id.as_str());
                     let notice = held.notice(&verdict.action, &r.conn.name);
                     let body = wire::error_body("NOTICE", "01000", &notice, None, None).freeze();
                     let _ = self.notices.send(body);
@@ -492,7 +555,7 @@ impl ClientHalf<'_, '_> {
                     } else {
                         // What the client sent before the held command goes on meanwhile.
                         self.up.flush().await?;
-                        let wait = hook.wait(&held);
+                        let wait = hook.wait(&held).instrument(hold.clone());
                         tokio::pin!(wait);
                         loop {
                             tokio::select! {
@@ -509,7 +572,21 @@ impl ClientHalf<'_, '_> {
             (approval_id, approved) = r
                 .services
                 .settle_approval(r.mode, &r.origin, &id, &mut verdict, out)
+                .instrument(hold.clone())
                 .await;
+            hold.record("outcome", verdict.label(approved));
+            if !approval_id.is_empty() {
+                hold.record("approval_id", approval_id.as_str());
+            }
+        }
+        {
+            let span = tracing::Span::current();
+            span.record("command_id", id.as_str());
+            span.record("action", verdict.action.as_str());
+            span.record("verdict", verdict.label(approved));
+            if !approval_id.is_empty() {
+                span.record("approval_id", approval_id.as_str());
+            }
         }
         let mut ev = command_received(
             &r.origin,
@@ -578,8 +655,9 @@ impl ClientHalf<'_, '_> {
             self.up.msg(b'Q', &body);
             return Ok(());
         }
-        let verdict = self.r.decide(&stmts);
-        let (cmd, deny) = self.gate(&text, &stmts, verdict, Vec::new()).await?;
+        let span = statement_span("query", &stmts);
+        let verdict = span.in_scope(|| self.r.decide(&stmts));
+        let (cmd, deny) = self.gate(span, &text, &stmts, verdict, Vec::new()).await?;
         if deny.is_some() {
             self.push(Kind::Query, Some(cmd), deny);
             self.up.msg(b'Q', POISON_SQL);
@@ -603,10 +681,13 @@ impl ClientHalf<'_, '_> {
         let text = b.cstr()?;
         let stmts = self.classify(&text);
         if !stmts.is_empty() {
+            // An early check (its `authorize` span sits under the session); the statement is
+            // judged again at Execute, where its `pg.statement` span is.
             let verdict = self.r.decide(&stmts);
             if verdict.outcome == Decided::Deny {
                 // Judged at Parse: refuse now, and record it.
-                let (cmd, deny) = self.gate(&text, &stmts, verdict, Vec::new()).await?;
+                let span = statement_span("parse", &stmts);
+                let (cmd, deny) = self.gate(span, &text, &stmts, verdict, Vec::new()).await?;
                 self.statements.remove(&name);
                 self.push(Kind::Parse, Some(cmd), deny);
                 let mut m = BytesMut::new();
@@ -738,12 +819,15 @@ impl ClientHalf<'_, '_> {
             return Ok(());
         };
         // Enforced at Execute, with the policy in force now.
-        let verdict = self.r.decide(&stmt.stmts);
+        let span = statement_span("execute", &stmt.stmts);
+        let verdict = span.in_scope(|| self.r.decide(&stmt.stmts));
         let params = portal
             .as_ref()
             .map(|p| p.params.clone())
             .unwrap_or_default();
-        let (cmd, deny) = self.gate(&stmt.text, &stmt.stmts, verdict, params).await?;
+        let (cmd, deny) = self
+            .gate(span, &stmt.text, &stmt.stmts, verdict, params)
+            .await?;
         if deny.is_some() {
             self.push(Kind::Execute { portal }, Some(cmd), deny);
             let mut m = BytesMut::new();
@@ -836,6 +920,18 @@ impl ServerHalf<'_, '_> {
         if cmd.rows == 0 {
             cmd.rows = cmd.data_rows;
         }
+        // The statement's spans end here (no error text: it can quote the data).
+        if let Some(up) = cmd.upstream.take() {
+            up.record("rows", cmd.rows);
+            if cmd.error.is_some() {
+                up.record("otel.status_code", "ERROR");
+            }
+        }
+        cmd.span.record("rows", cmd.rows);
+        if cmd.error.is_some() {
+            cmd.span.record("otel.status_code", "ERROR");
+        }
+        let _statement = std::mem::replace(&mut cmd.span, tracing::Span::none());
         let ev = self
             .r
             .origin
