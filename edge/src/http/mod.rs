@@ -97,12 +97,17 @@ struct ConnSession {
 impl HttpEdge {
     pub fn new(svc: Services, opts: HttpOptions) -> Result<Arc<HttpEdge>, String> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        // Upstream sockets without Nagle's delay: a request whose head and body go out in two
+        // writes must not wait for the upstream's delayed ACK (the client side already sets it).
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_provider_and_native_roots(provider)
             .map_err(|e| format!("cannot load the system's CA certificates: {e}"))?
             .https_or_http()
             .enable_http1()
-            .build();
+            .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
