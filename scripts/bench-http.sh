@@ -72,5 +72,20 @@ CUSTOS_LOG=warn "$BIN/custos" edge --config "$work/edge.toml" 2>"$work/edge.log"
 wait_port "$EDGE_PORT"
 for _ in $(seq 100); do curl -sf -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$EDGE_PORT/bench/items" >/dev/null && break; sleep 0.1; done
 echo "audit_mode=$AUDIT upstream_delay_ms=${UPSTREAM_DELAY_MS:-0}"
+cpu() { awk -v t="$(getconf CLK_TCK)" '{printf "%.2f", ($14+$15)/t}' "/proc/$1/stat"; }
+names=(upstream nats controlplane edge)
+before=(); for p in "${pids[@]}"; do before+=("$(cpu "$p")"); done
+# PERF_EDGE=FILE: sample the edge with perf during the runs (perf report -i FILE).
+if [ -n "${PERF_EDGE:-}" ]; then
+  perf record -q -F 499 -g -p "${pids[3]}" -o "$PERF_EDGE" >/dev/null 2>&1 & perf_pid=$!
+fi
 "$BIN/custos-loadtest" http --direct "http://127.0.0.1:$UP_PORT/items" \
   --edge "http://127.0.0.1:$EDGE_PORT/bench/items" --edge-header "Authorization: Bearer $TOKEN" "$@"
+# CPU seconds each process used during the measured runs (the edge, NATS and the control plane
+# work only in the edge rounds; the upstream in both).
+if [ -n "${perf_pid:-}" ]; then kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true; fi
+echo -n "CPU seconds during the runs:"
+for i in "${!pids[@]}"; do
+  echo -n " ${names[$i]} $(awk -v a="$(cpu "${pids[$i]}")" -v b="${before[$i]}" 'BEGIN{printf "%.2f", a-b}')"
+done
+echo

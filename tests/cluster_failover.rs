@@ -158,7 +158,10 @@ async fn no_event_lost_or_duplicated_when_the_leader_is_killed() -> Result<()> {
                 );
             }
             let status = cli(&server, &["cluster", "status"]);
-            eprintln!("--- cluster status from node {} ---\n{}{}", n.id, status.1, status.2);
+            eprintln!(
+                "--- cluster status from node {} ---\n{}{}",
+                n.id, status.1, status.2
+            );
             return Err(e);
         }
         let (counts, head) = ids_on(&server).await?;

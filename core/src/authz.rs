@@ -156,6 +156,12 @@ pub struct Engine {
     entities: parking_lot::Mutex<HashMap<EntityKey, std::sync::Arc<Entities>>>,
     /// Request shapes the schema accepted.
     shapes: parking_lot::Mutex<HashSet<Shape>>,
+    /// Decisions by the SHA-256 of everything they depend on (see [`decision_key`]). A Cedar
+    /// decision is a pure function of the policy set (this engine), the entities and the
+    /// request, so a repeated request gets the same answer without evaluating the policies
+    /// again. Keyed by a digest so the cache keeps no request text, and a collision-resistant
+    /// one so no crafted request can take another's decision.
+    decisions: parking_lot::Mutex<HashMap<[u8; 32], Decision>>,
 }
 
 type EntityKey = (String, Vec<String>, String, String, Option<String>);
@@ -164,6 +170,58 @@ type Shape = (String, Vec<(String, u8)>);
 
 /// Entity sets kept per engine before the cache is emptied.
 const ENTITY_CACHE_MAX: usize = 4096;
+/// Decisions kept per engine before the cache is emptied.
+const DECISION_CACHE_MAX: usize = 16_384;
+
+/// The digest of everything a decision depends on besides the policy set: who, the target,
+/// the action and the context, each length-prefixed so no two inputs encode alike.
+fn decision_key(
+    who: &Principal<'_>,
+    target: &Target<'_>,
+    action: &str,
+    context: &[(&str, Value)],
+) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let mut put = |b: &[u8]| {
+        h.update((b.len() as u64).to_le_bytes());
+        h.update(b);
+    };
+    put(who.identity.as_bytes());
+    put(&(who.groups.len() as u64).to_le_bytes());
+    for g in who.groups {
+        put(g.as_bytes());
+    }
+    put(target.connection.as_bytes());
+    put(target.kind.as_bytes());
+    match target.environment {
+        None => put(b"-"),
+        Some(e) => {
+            put(b"+");
+            put(e.as_bytes());
+        }
+    }
+    put(action.as_bytes());
+    put(&(context.len() as u64).to_le_bytes());
+    for (k, v) in context {
+        put(k.as_bytes());
+        match v {
+            Value::Str(s) => {
+                put(b"s");
+                put(s.as_bytes());
+            }
+            Value::Bool(b) => put(if *b { b"t" } else { b"f" }),
+            Value::Set(items) => {
+                put(b"S");
+                put(&(items.len() as u64).to_le_bytes());
+                for i in items {
+                    put(i.as_bytes());
+                }
+            }
+        }
+    }
+    h.finalize().into()
+}
 
 impl Clone for Engine {
     fn clone(&self) -> Self {
@@ -172,6 +230,7 @@ impl Clone for Engine {
             version: self.version,
             entities: Default::default(),
             shapes: Default::default(),
+            decisions: Default::default(),
         }
     }
 }
@@ -210,6 +269,7 @@ impl Engine {
             version,
             entities: Default::default(),
             shapes: Default::default(),
+            decisions: Default::default(),
         })
     }
 
@@ -264,6 +324,27 @@ impl Engine {
 
     /// Decide one action. `context` must carry every attribute the action's context type declares.
     pub fn authorize(
+        &self,
+        who: &Principal<'_>,
+        target: &Target<'_>,
+        action: &str,
+        context: &[(&str, Value)],
+    ) -> Decision {
+        let key = decision_key(who, target, action, context);
+        if let Some(d) = self.decisions.lock().get(&key) {
+            return d.clone();
+        }
+        let d = self.evaluate(who, target, action, context);
+        let mut cache = self.decisions.lock();
+        if cache.len() >= DECISION_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(key, d.clone());
+        d
+    }
+
+    /// Decide one action with Cedar (what [`Engine::authorize`] caches).
+    fn evaluate(
         &self,
         who: &Principal<'_>,
         target: &Target<'_>,
@@ -453,6 +534,37 @@ when { resource has environment && resource.environment == "production" };
             ds.iter().any(|d| matches!(d, Decision::Deny { .. })),
             "{ds:?}"
         );
+    }
+
+    #[test]
+    fn cached_decisions_match_fresh_ones_and_keep_inputs_apart() {
+        let e = Engine::new(POLICY, 1).unwrap();
+        let cases: &[(&[&str], Option<&str>, &str)] = &[
+            (&["agents"], None, "SELECT * FROM orders"),
+            (&["dba"], None, "DROP TABLE orders"),
+            (&["agents"], None, "DROP TABLE orders"),
+            (&["dba"], None, "DELETE FROM orders"),
+            (&["dba"], None, "DELETE FROM orders WHERE id = 1"),
+            (&["agents"], Some("production"), "INSERT INTO t VALUES (1)"),
+            (&["agents"], Some("staging"), "INSERT INTO t VALUES (1)"),
+            (&["agents"], None, "INSERT INTO t VALUES (1)"),
+            // Groups that concatenate alike must not share a decision.
+            (&["agen", "ts"], None, "SELECT * FROM orders"),
+        ];
+        for (groups, env, sql) in cases {
+            let fresh = decide(&Engine::new(POLICY, 1).unwrap(), groups, *env, sql);
+            for _ in 0..3 {
+                assert_eq!(
+                    decide(&e, groups, *env, sql),
+                    fresh,
+                    "{groups:?} {env:?} {sql}"
+                );
+            }
+        }
+        assert!(matches!(
+            &decide(&e, &["agen", "ts"], None, "SELECT * FROM orders")[0],
+            Decision::Deny { .. }
+        ));
     }
 
     #[test]

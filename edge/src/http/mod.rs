@@ -99,12 +99,17 @@ struct ConnSession {
 impl HttpEdge {
     pub fn new(svc: Services, opts: HttpOptions) -> Result<Arc<HttpEdge>, String> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        // Upstream sockets without Nagle's delay: a request whose head and body go out in two
+        // writes must not wait for the upstream's delayed ACK (the client side already sets it).
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_provider_and_native_roots(provider)
             .map_err(|e| format!("cannot load the system's CA certificates: {e}"))?
             .https_or_http()
             .enable_http1()
-            .build();
+            .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
@@ -294,19 +299,26 @@ impl HttpEdge {
             span.record("connection", conn.name.as_str());
             span.record("protocol", conn.kind.as_str());
         }
-        // Who is asking.
-        let anonymous = Origin {
+        // Who is asking. (The refusal's origin and text are built only when one is recorded.)
+        let anonymous = || Origin {
             edge_id: self.svc.edge_id.clone(),
             session_id: sess.id.clone(),
             identity: String::new(),
             connection: conn.name.clone(),
         };
-        let request_line = format!("{} {}", req.method(), routed.path);
+        let req_method = req.method().clone();
+        let request_line = || format!("{req_method} {}", routed.path);
         let audit_mode = AuditMode::of(&conn).unwrap_or(AuditMode::Strict);
         let Some(token) = respond::client_token(req.headers(), &conn) else {
             let why = "no token: send `Authorization: Bearer <custos token or OIDC JWT>`";
-            self.record_refusal(&anonymous, audit_mode, &request_line, "auth:failed", why)
-                .await;
+            self.record_refusal(
+                &anonymous(),
+                audit_mode,
+                &request_line(),
+                "auth:failed",
+                why,
+            )
+            .await;
             return respond::unauthorized(why);
         };
         let who = match self.svc.auth.identify(&cfg, &token).await {
@@ -314,8 +326,14 @@ impl HttpEdge {
             Err(e) => {
                 tracing::info!(peer = %sess.peer, reason = %e, "http client authentication failed");
                 let why = format!("authentication failed: {e}");
-                self.record_refusal(&anonymous, audit_mode, &request_line, "auth:failed", &why)
-                    .await;
+                self.record_refusal(
+                    &anonymous(),
+                    audit_mode,
+                    &request_line(),
+                    "auth:failed",
+                    &why,
+                )
+                .await;
                 return respond::unauthorized(&e.to_string());
             }
         };
@@ -381,6 +399,7 @@ impl HttpEdge {
                     ),
                 };
                 sess.denied.fetch_add(1, Ordering::Relaxed);
+                let request_line = format!("{} {}", parts.method, routed.path);
                 self.record_refusal(&origin, mode, &request_line, "http:refused", &detail)
                     .await;
                 return respond::problem(status, slug, title, &detail, json!({}));
@@ -772,6 +791,7 @@ impl HttpEdge {
                 },
             ),
         )
+        .await
     }
 
     /// The upstream switched protocols (WebSocket …): answer 101 and relay bytes both ways,
@@ -816,6 +836,7 @@ impl HttpEdge {
                 tail: Vec::new(),
                 bytes: received,
                 truncated: false,
+                llm: false,
             };
             edge.complete(
                 &origin,
@@ -949,7 +970,11 @@ impl HttpEdge {
             .audit_scope()
             .mask_text(&excerpt_raw, &mut audit)
             .into_owned();
-        let usage = respond::llm_usage(&captured.head, &captured.tail);
+        let usage = if captured.llm {
+            respond::llm_usage(&captured.head, &captured.tail)
+        } else {
+            (String::new(), 0, 0)
+        };
         let ev = origin.event(Payload::CommandCompleted(
             custos_core::proto::v1::CommandCompleted {
                 command_id: command_id.to_string(),

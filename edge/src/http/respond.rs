@@ -27,6 +27,9 @@ pub struct Captured {
     pub tail: Vec<u8>,
     pub bytes: u64,
     pub truncated: bool,
+    /// The body is an LLM API's answer: read the model and token usage from `head` and `tail`
+    /// (scanning every other response for them would cost a UTF-8 pass and a search each).
+    pub llm: bool,
 }
 
 const HEAD_CAP: usize = 64 * 1024;
@@ -569,11 +572,43 @@ fn text_push(
     m.push(&s, stats).into_bytes()
 }
 
-/// Stream the upstream response to the client through the rewriter; `done` records the completion.
-pub fn relay_response(resp: Response<Incoming>, rw: Rewrite, done: Done) -> Response<Body> {
+/// A response that declares a length up to this is read whole and masked in one go, without a
+/// relay task and its channel.
+const INLINE_MAX: u64 = 256 * 1024;
+
+/// Records the completion if the response is dropped before it was read (the client went away
+/// while the edge read the upstream's body), so no forwarded command goes unrecorded.
+struct DoneGuard {
+    done: Option<Done>,
+    status: u16,
+}
+
+impl Drop for DoneGuard {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            tokio::spawn(done(
+                self.status,
+                Some("the client went away before the response ended".into()),
+                Captured::default(),
+                Stats::default(),
+            ));
+        }
+    }
+}
+
+/// Relay the upstream response to the client through the rewriter; `done` records the
+/// completion. Small bodies of a declared length (not event streams, not MCP) are read whole
+/// and masked at once; everything else streams.
+pub async fn relay_response(resp: Response<Incoming>, rw: Rewrite, done: Done) -> Response<Body> {
     let (mut parts, mut body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let status = parts.status.as_u16();
+    let llm = rw.connection.kind == "llm";
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     let mut rewriter = match rw.rewriter(&parts.headers) {
         Ok(r) => r,
         Err(e) => {
@@ -597,10 +632,86 @@ pub fn relay_response(resp: Response<Incoming>, rw: Rewrite, done: Done) -> Resp
         // The body changes length as it is masked: the client gets it chunked.
         parts.headers.remove(header::CONTENT_LENGTH);
     }
+    if declared.is_some_and(|n| n <= INLINE_MAX)
+        && matches!(
+            rewriter,
+            Rewriter::Pass | Rewriter::Text(..) | Rewriter::Json(..)
+        )
+    {
+        let mut guard = DoneGuard {
+            done: Some(done),
+            status,
+        };
+        let mut stats = Stats::default();
+        let mut raw = Vec::with_capacity(declared.unwrap_or(0) as usize);
+        let mut error = None;
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => {
+                    if let Ok(d) = f.into_data() {
+                        raw.extend_from_slice(&d);
+                    }
+                }
+                Err(e) => {
+                    error = Some(format!(
+                        "the upstream broke off the response: {}",
+                        error_chain(&e)
+                    ));
+                    break;
+                }
+            }
+        }
+        let out = match &mut rewriter {
+            Rewriter::Text(m, carry) => {
+                let mut out = text_push(m, carry, &raw, &mut stats);
+                if !carry.is_empty() {
+                    let s = String::from_utf8_lossy(carry).into_owned();
+                    out.extend(m.push(&s, &mut stats).into_bytes());
+                }
+                out.extend(m.finish(&mut stats).into_bytes());
+                out
+            }
+            Rewriter::Json(m) => {
+                let mut out = m.push(&raw, &mut stats);
+                out.extend(m.finish(&mut stats));
+                out
+            }
+            _ => raw,
+        };
+        let mut cap = Captured {
+            llm,
+            ..Captured::default()
+        };
+        cap.add(&out);
+        if let Some(done) = guard.done.take() {
+            tokio::spawn(done(status, error.clone(), cap, stats));
+        }
+        let body = match error {
+            // The body as read, then the error: hyper aborts the chunked body, as when streaming.
+            Some(e) => {
+                let mut frames: Vec<Result<Frame<Bytes>, BoxError>> = Vec::new();
+                if !out.is_empty() {
+                    frames.push(Ok(Frame::data(Bytes::from(out))));
+                }
+                frames.push(Err(e.into()));
+                StreamBody::new(futures::stream::iter(frames)).boxed()
+            }
+            None if matches!(rewriter, Rewriter::Pass) => full(out),
+            // No length known to hyper, so the masked body goes out chunked like a streamed one.
+            None => StreamBody::new(futures::stream::once(std::future::ready(
+                Ok::<_, BoxError>(Frame::data(Bytes::from(out))),
+            )))
+            .boxed(),
+        };
+        return Response::from_parts(parts, body);
+    }
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(16);
     tokio::spawn(async move {
         let mut stats = Stats::default();
-        let mut cap = Captured::default();
+        let mut cap = Captured {
+            llm,
+            ..Captured::default()
+        };
         let mut error = None;
         let mut last = Vec::new();
         let send = |b: Vec<u8>, cap: &mut Captured| {
