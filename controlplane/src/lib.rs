@@ -11,6 +11,7 @@
 //!
 //! - [`types`]: the Raft type config and the replicated [`types::Command`]s.
 //! - [`store`]: RocksDB log store and state machine (the canonical audit log lives here).
+//! - [`snapshot`]: Raft snapshots as framed, checksummed files, streamed in bounded memory.
 //! - [`network`]: openraft RPCs over tonic.
 //! - [`node`]: wiring one node together; [`ControlPlane`] is the handle.
 //! - `grpc`, `ingest`, `siem`: the services and the leader-only tasks.
@@ -27,6 +28,7 @@ pub mod notify;
 pub mod notify_task;
 mod siem;
 pub mod slack;
+pub mod snapshot;
 pub mod store;
 pub mod tls;
 pub mod types;

@@ -131,11 +131,19 @@ impl ControlPlane {
         let server_tls = config.tls.server()?;
 
         let db_dir = config.node.data_dir.join("db");
+        // On a blocking thread: opening may finish an interrupted snapshot install.
+        let open_dir = db_dir.clone();
         let (store, log_store, state_machine) =
-            store::open(&db_dir).map_err(|e| StartError::Store {
-                path: db_dir.display().to_string(),
-                detail: e.to_string(),
-            })?;
+            tokio::task::spawn_blocking(move || store::open(&open_dir))
+                .await
+                .map_err(|e| StartError::Store {
+                    path: db_dir.display().to_string(),
+                    detail: e.to_string(),
+                })?
+                .map_err(|e| StartError::Store {
+                    path: db_dir.display().to_string(),
+                    detail: e.to_string(),
+                })?;
 
         let listener = tokio::net::TcpListener::bind(&config.node.listen)
             .await

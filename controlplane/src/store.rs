@@ -14,20 +14,37 @@
 //!  approvals       approval id (UUIDv7)     Approval (protobuf)
 //!  approvals_open  approval id              expires_unix_nano (i64 BE) — pending ones only
 //!  grants          grant id                 Grant (protobuf)
-//!  snapshot        "current"                bincode StoredSnapshot
+//!  snapshot        "current_file"           bincode SnapshotRecord (meta + file name, no data)
+//!                  "installing"             bincode SnapshotRecord — an install is under way
 //! ```
 //!
 //! Applying a batch of entries writes one RocksDB `WriteBatch` that also moves `applied`, so a
 //! crash never leaves an entry half applied: on restart openraft re-applies from `applied`.
+//!
+//! Snapshots are files in `<db>/snapshots/` (format in [`crate::snapshot`]), never held whole
+//! in memory:
+//!
+//! ```text
+//!  build     RocksDB snapshot ─iterate each SM CF─▶ build-*.tmp ─fsync, rename─▶ snap-*.snap
+//!            ─▶ "current_file" (older snap-*.snap removed)
+//!  receive   openraft chunks ─▶ recv-*.tmp (begin_receiving_snapshot)
+//!  install   verify whole file (count, SHA-256, known CFs) ─▶ rename to snap-*.snap
+//!            ─▶ "installing" (sync) ─▶ clear SM CFs ─▶ load in ~4 MiB WriteBatches
+//!            ─▶ one synced batch: applied, membership, "current_file", delete "installing"
+//!  open      "installing" present ─▶ redo the load from the kept file before openraft reads
+//!            `applied`; stray temporaries and older files are removed
+//! ```
 
 // openraft's trait methods return `StorageError`, a large type we do not choose.
 #![allow(clippy::result_large_err)]
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
-use std::io::Cursor;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufReader, BufWriter, Seek, SeekFrom};
 use std::ops::RangeBounds;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use custos_core::audit::{next_record, ChainVerifier, GENESIS_HASH};
@@ -39,13 +56,14 @@ use openraft::{
 };
 use prost::Message;
 use rocksdb::{
-    ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch,
-    WriteOptions, DB,
+    ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions,
+    WriteBatch, WriteOptions, DB,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::approvals;
+use crate::snapshot::{self, FormatError, Frame, SnapshotFile};
 use crate::types::{
     Command, IngestItem, Node, NodeId, Response, StoredConnection, StoredToken, TypeConfig,
 };
@@ -91,6 +109,16 @@ const K_BUS_HIGH: &[u8] = b"bus_high";
 /// Events lost before ingest (sum of recorded [`Command::BusGap`] lengths).
 const K_LOST: &[u8] = b"lost_count";
 
+/// Before snapshot files: the current snapshot's meta and its whole data, in CF `snapshot`.
+const K_SNAPSHOT_IN_DB: &[u8] = b"current";
+const K_SNAPSHOT: &[u8] = b"current_file";
+const K_INSTALLING: &[u8] = b"installing";
+const SNAPSHOT_DIR: &str = "snapshots";
+/// An install writes the snapshot's records in RocksDB batches of about this many bytes.
+const INSTALL_BATCH_BYTES: usize = 4 << 20;
+/// Buffer for streaming snapshot files.
+const FILE_BUFFER: usize = 1 << 20;
+
 fn be(n: u64) -> [u8; 8] {
     n.to_be_bytes()
 }
@@ -114,10 +142,6 @@ fn read_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
     io_err(ErrorSubject::Store, ErrorVerb::Read, e)
 }
 
-fn write_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
-    io_err(ErrorSubject::Store, ErrorVerb::Write, e)
-}
-
 /// A change the edges must hear about, or a full resync after a snapshot was installed.
 #[derive(Debug, Clone)]
 pub enum StateChange {
@@ -135,6 +159,16 @@ pub enum StateChange {
 #[derive(Debug)]
 pub struct Store {
     db: DB,
+    /// Where snapshot files live (`<db>/snapshots`).
+    snap_dir: PathBuf,
+    /// Held while the set of snapshot files and `current_file` change, and while a file named
+    /// by `current_file` is opened.
+    snap_lock: parking_lot::Mutex<()>,
+    /// Held for a whole install; a build takes its RocksDB snapshot under it, so it never sees
+    /// a half-loaded state machine.
+    install_lock: parking_lot::Mutex<()>,
+    /// Makes temporary file names unique within this process.
+    snap_seq: AtomicU64,
     /// Committed audit records, in order, as they are applied.
     pub audit_tx: broadcast::Sender<AuditRecord>,
     /// Revision-numbered configuration changes, for EdgeSync.
@@ -168,15 +202,90 @@ pub struct VerifyOutcome {
     pub lost: u64,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct StoredSnapshot {
-    meta: SnapshotMeta<NodeId, Node>,
-    data: Vec<u8>,
+/// A snapshot as recorded in CF `snapshot`: its meta and its file in the snapshot directory.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SnapshotRecord {
+    pub meta: SnapshotMeta<NodeId, Node>,
+    /// File name inside the snapshot directory.
+    pub file: String,
+    pub records: u64,
+    pub sha256: [u8; 32],
+}
+
+/// Why a snapshot could not be built, checked or installed.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    #[error(
+        "snapshot holds column family {0:?}, which this node's state machine does not have \
+         (built by a newer version?)"
+    )]
+    UnknownCf(String),
+    #[error("snapshot file {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("rocksdb: {0}")]
+    Db(#[from] rocksdb::Error),
+    #[error("snapshot bookkeeping: {0}")]
+    Encode(#[from] bincode::Error),
+    /// Found before anything was changed: the state machine is as it was.
+    #[error("snapshot refused, the state machine was not changed: {0}")]
+    Refused(#[source] Box<SnapshotError>),
+    /// The test hook of [`Store::install_snapshot_file`] stopped the load.
+    #[error("snapshot install stopped after {0} records (test hook)")]
+    Stopped(u64),
+}
+
+/// Why the store could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("rocksdb: {0}")]
+    Db(#[from] rocksdb::Error),
+    #[error("snapshot directory {path}: {source}")]
+    SnapshotDir { path: PathBuf, source: io::Error },
+    #[error(
+        "an interrupted snapshot install could not be completed: {0}; this node's state \
+         machine is incomplete: move its data directory aside and let it rejoin the cluster"
+    )]
+    Recover(#[source] SnapshotError),
+    #[error("snapshot bookkeeping: {0}")]
+    Snapshot(#[source] SnapshotError),
+}
+
+fn file_err(path: &Path) -> impl Fn(io::Error) -> SnapshotError + '_ {
+    move |source| SnapshotError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Removes a temporary file when dropped, unless kept.
+struct TempFile(Option<PathBuf>);
+
+impl TempFile {
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Make a rename in `dir` durable.
+fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(file_err(dir))
 }
 
 impl Store {
-    /// Open (or create) the database under `dir`.
-    pub fn open(dir: &Path) -> Result<Arc<Store>, rocksdb::Error> {
+    /// Open (or create) the database under `dir`, finishing an interrupted snapshot install.
+    pub fn open(dir: &Path) -> Result<Arc<Store>, OpenError> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
@@ -185,13 +294,24 @@ impl Store {
             .chain(SM_CFS.iter())
             .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
         let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
+        let snap_dir = dir.join(SNAPSHOT_DIR);
+        std::fs::create_dir_all(&snap_dir).map_err(|source| OpenError::SnapshotDir {
+            path: snap_dir.clone(),
+            source,
+        })?;
         let (audit_tx, _) = broadcast::channel(16_384);
         let (changes_tx, _) = broadcast::channel(1024);
-        Ok(Arc::new(Store {
+        let store = Arc::new(Store {
             db,
+            snap_dir,
+            snap_lock: parking_lot::Mutex::new(()),
+            install_lock: parking_lot::Mutex::new(()),
+            snap_seq: AtomicU64::new(0),
             audit_tx,
             changes_tx,
-        }))
+        });
+        store.open_snapshots()?;
+        Ok(store)
     }
 
     fn cf(&self, name: &str) -> &ColumnFamily {
@@ -417,6 +537,351 @@ impl Store {
 
     pub fn flush(&self) -> Result<(), rocksdb::Error> {
         self.db.flush_wal(true)
+    }
+}
+
+// ===== Snapshot files ========================================================================
+
+impl Store {
+    /// The snapshot directory (`<db>/snapshots`).
+    pub fn snapshot_dir(&self) -> &Path {
+        &self.snap_dir
+    }
+
+    fn sm_cf(&self, name: &str) -> Result<&ColumnFamily, SnapshotError> {
+        if SM_CFS.contains(&name) {
+            Ok(self.cf(name))
+        } else {
+            Err(SnapshotError::UnknownCf(name.to_string()))
+        }
+    }
+
+    fn snapshot_record(&self, key: &[u8]) -> Result<Option<SnapshotRecord>, SnapshotError> {
+        match self.db.get_cf(self.cf(CF_SNAPSHOT), key)? {
+            None => Ok(None),
+            Some(v) => Ok(Some(bincode::deserialize(&v)?)),
+        }
+    }
+
+    fn put_snapshot_record(&self, key: &[u8], rec: &SnapshotRecord) -> Result<(), SnapshotError> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db
+            .put_cf_opt(self.cf(CF_SNAPSHOT), key, bincode::serialize(rec)?, &wo)?;
+        Ok(())
+    }
+
+    /// The current snapshot's record, if any (operations and tests).
+    pub fn current_snapshot_record(&self) -> Result<Option<SnapshotRecord>, SnapshotError> {
+        self.snapshot_record(K_SNAPSHOT)
+    }
+
+    /// Whether a snapshot install is under way (or was interrupted and not yet redone).
+    pub fn installing_snapshot(&self) -> bool {
+        matches!(self.snapshot_record(K_INSTALLING), Ok(Some(_)))
+    }
+
+    /// A new, empty file in the snapshot directory, named `<prefix>-<time>-<n>.tmp`.
+    fn new_temp_file(&self, prefix: &str) -> Result<(File, PathBuf), SnapshotError> {
+        let n = self.snap_seq.fetch_add(1, Ordering::Relaxed);
+        let now = custos_core::events::now_unix_nano();
+        let path = self.snap_dir.join(format!("{prefix}-{now}-{n}.tmp"));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(file_err(&path))?;
+        Ok((file, path))
+    }
+
+    /// Rename a complete, synced temporary to its kept name and make that durable.
+    fn keep_file(&self, tmp: &Path, index: Option<u64>) -> Result<String, SnapshotError> {
+        let n = self.snap_seq.fetch_add(1, Ordering::Relaxed);
+        let now = custos_core::events::now_unix_nano();
+        let name = format!("snap-{}-{now}-{n}.snap", index.unwrap_or(0));
+        let path = self.snap_dir.join(&name);
+        std::fs::rename(tmp, &path).map_err(file_err(tmp))?;
+        sync_dir(&self.snap_dir)?;
+        Ok(name)
+    }
+
+    /// Remove snapshot files no record names. `all` also removes temporaries (only at open:
+    /// later, a build or a receive may be writing one).
+    fn prune_snapshot_files(&self, all: bool) -> Result<(), SnapshotError> {
+        let keep: Vec<String> = [K_SNAPSHOT, K_INSTALLING]
+            .iter()
+            .filter_map(|k| self.snapshot_record(k).transpose())
+            .map(|r| r.map(|r| r.file))
+            .collect::<Result<_, _>>()?;
+        let entries = std::fs::read_dir(&self.snap_dir).map_err(file_err(&self.snap_dir))?;
+        for entry in entries {
+            let entry = entry.map_err(file_err(&self.snap_dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let ours = name.ends_with(".snap") || (all && name.ends_with(".tmp"));
+            if ours && !keep.contains(&name) {
+                if let Err(e) = std::fs::remove_file(entry.path()) {
+                    tracing::warn!(file = %name, error = %e, "cannot remove an old snapshot file");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// At open: drop the old in-database snapshot, finish an interrupted install, forget a
+    /// current snapshot whose file is gone, remove stray files.
+    fn open_snapshots(&self) -> Result<(), OpenError> {
+        let cf = self.cf(CF_SNAPSHOT);
+        // Migration: the old format kept the whole snapshot data in this CF. It is dropped, not
+        // converted: a snapshot can always be rebuilt from the state machine, and openraft
+        // builds one at start when logs were purged and no snapshot is found.
+        if self.db.get_pinned_cf(cf, K_SNAPSHOT_IN_DB)?.is_some() {
+            tracing::info!("dropping the snapshot kept in the database by an older version");
+            self.db.delete_cf(cf, K_SNAPSHOT_IN_DB)?;
+            self.db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+        }
+        if let Some(rec) = self
+            .snapshot_record(K_INSTALLING)
+            .map_err(OpenError::Recover)?
+        {
+            tracing::warn!(
+                snapshot = %rec.meta.snapshot_id,
+                file = %rec.file,
+                "a snapshot install was interrupted; loading the snapshot again from its file"
+            );
+            let path = self.snap_dir.join(&rec.file);
+            self.verify_snapshot_file(&path)
+                .map_err(OpenError::Recover)?;
+            self.load_snapshot(&rec, None).map_err(OpenError::Recover)?;
+        }
+        if let Some(rec) = self
+            .snapshot_record(K_SNAPSHOT)
+            .map_err(OpenError::Snapshot)?
+        {
+            if !self.snap_dir.join(&rec.file).exists() {
+                tracing::warn!(
+                    snapshot = %rec.meta.snapshot_id,
+                    file = %rec.file,
+                    "the current snapshot's file is missing; forgetting it (openraft rebuilds one)"
+                );
+                self.db.delete_cf(cf, K_SNAPSHOT)?;
+            }
+        }
+        self.prune_snapshot_files(true).map_err(OpenError::Snapshot)
+    }
+
+    /// Read a snapshot file through: framing, record count, SHA-256 and column family names.
+    pub fn verify_snapshot_file(&self, path: &Path) -> Result<snapshot::Summary, SnapshotError> {
+        let f = File::open(path).map_err(file_err(path))?;
+        snapshot::verify(BufReader::with_capacity(FILE_BUFFER, f), |name| {
+            self.sm_cf(name).map(|_| ())
+        })
+    }
+
+    /// Write the state machine, as of one RocksDB snapshot, to a new kept file. Returns its
+    /// record and a handle open for reading.
+    fn build_snapshot_file(&self) -> Result<(SnapshotRecord, File), SnapshotError> {
+        let view = {
+            let _install = self.install_lock.lock();
+            self.db.snapshot()
+        };
+        let applied: Option<LogId<NodeId>> = match view.get_cf(self.cf(CF_SM), K_APPLIED)? {
+            Some(v) => bincode::deserialize::<Option<LogId<NodeId>>>(&v)?,
+            None => None,
+        };
+        let membership: StoredMembership<NodeId, Node> =
+            match view.get_cf(self.cf(CF_SM), K_MEMBERSHIP)? {
+                Some(v) => bincode::deserialize(&v)?,
+                None => StoredMembership::default(),
+            };
+        let (file, tmp) = self.new_temp_file("build")?;
+        let guard = TempFile(Some(tmp.clone()));
+        let io = file_err(&tmp);
+        let mut w =
+            snapshot::Writer::new(BufWriter::with_capacity(FILE_BUFFER, file)).map_err(&io)?;
+        for name in SM_CFS {
+            w.section(name).map_err(&io)?;
+            let mut ro = ReadOptions::default();
+            // One pass over everything: do not push the hot set out of the block cache.
+            ro.fill_cache(false);
+            for item in view.iterator_cf_opt(self.cf(name), ro, IteratorMode::Start) {
+                let (k, v) = item?;
+                w.record(&k, &v).map_err(&io)?;
+            }
+        }
+        drop(view);
+        let (buf, summary) = w.finish().map_err(&io)?;
+        let file = buf.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(&io)?;
+        drop(file);
+        let name = self.keep_file(&tmp, applied.map(|l| l.index))?;
+        guard.keep();
+        let path = self.snap_dir.join(&name);
+        let reader = File::open(&path).map_err(file_err(&path))?;
+        let now = custos_core::events::now_unix_nano();
+        let snapshot_id = match applied {
+            Some(l) => format!("{}-{}-{now}", l.leader_id, l.index),
+            None => format!("--{now}"),
+        };
+        Ok((
+            SnapshotRecord {
+                meta: SnapshotMeta {
+                    last_log_id: applied,
+                    last_membership: membership,
+                    snapshot_id,
+                },
+                file: name,
+                records: summary.records,
+                sha256: summary.sha256,
+            },
+            reader,
+        ))
+    }
+
+    /// Make a built snapshot the current one, unless a newer one (installed meanwhile) is.
+    fn set_current_snapshot(&self, rec: &SnapshotRecord) -> Result<(), SnapshotError> {
+        let _g = self.snap_lock.lock();
+        if let Some(cur) = self.snapshot_record(K_SNAPSHOT)? {
+            if cur.meta.last_log_id > rec.meta.last_log_id {
+                let _ = std::fs::remove_file(self.snap_dir.join(&rec.file));
+                return Ok(());
+            }
+        }
+        self.put_snapshot_record(K_SNAPSHOT, rec)?;
+        self.prune_snapshot_files(false)
+    }
+
+    /// The current snapshot's record and its file, opened for reading.
+    fn current_snapshot(&self) -> Result<Option<(SnapshotRecord, File)>, SnapshotError> {
+        let _g = self.snap_lock.lock();
+        let Some(rec) = self.snapshot_record(K_SNAPSHOT)? else {
+            return Ok(None);
+        };
+        let path = self.snap_dir.join(&rec.file);
+        match File::open(&path) {
+            Ok(f) => Ok(Some((rec, f))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                tracing::warn!(file = %path.display(), "the current snapshot's file is missing");
+                Ok(None)
+            }
+            Err(e) => Err(file_err(&path)(e)),
+        }
+    }
+
+    /// Install a snapshot received into (or given as) `file` at `path`:
+    ///
+    /// 1. own the bytes: a temporary we created is used as is, anything else is copied;
+    /// 2. verify the whole file — a bad file is refused here, before anything changed;
+    /// 3. keep it under its final name, then write the `installing` marker (synced);
+    /// 4. load it ([`Store::load_snapshot`]), which removes the marker in its last batch.
+    ///
+    /// `stop_after`: a test hook that stops the load after about that many records, leaving
+    /// what a crash would.
+    pub fn install_snapshot_file(
+        &self,
+        meta: &SnapshotMeta<NodeId, Node>,
+        mut file: File,
+        path: &Path,
+        temporary: bool,
+        stop_after: Option<u64>,
+    ) -> Result<SnapshotRecord, SnapshotError> {
+        let _install = self.install_lock.lock();
+        let (tmp, guard) = if temporary && path.parent() == Some(self.snap_dir.as_path()) {
+            file.sync_all().map_err(file_err(path))?;
+            (path.to_path_buf(), TempFile(Some(path.to_path_buf())))
+        } else {
+            let (dst, tmp) = self.new_temp_file("recv")?;
+            let guard = TempFile(Some(tmp.clone()));
+            file.seek(SeekFrom::Start(0)).map_err(file_err(path))?;
+            let mut src = BufReader::with_capacity(FILE_BUFFER, file);
+            let mut dst = BufWriter::with_capacity(FILE_BUFFER, dst);
+            io::copy(&mut src, &mut dst).map_err(file_err(&tmp))?;
+            let dst = dst
+                .into_inner()
+                .map_err(|e| file_err(&tmp)(e.into_error()))?;
+            dst.sync_all().map_err(file_err(&tmp))?;
+            (tmp, guard)
+        };
+        let summary = self
+            .verify_snapshot_file(&tmp)
+            .map_err(|e| SnapshotError::Refused(Box::new(e)))?;
+        let name = self.keep_file(&tmp, meta.last_log_id.map(|l| l.index))?;
+        guard.keep();
+        let rec = SnapshotRecord {
+            meta: meta.clone(),
+            file: name,
+            records: summary.records,
+            sha256: summary.sha256,
+        };
+        {
+            let _g = self.snap_lock.lock();
+            self.put_snapshot_record(K_INSTALLING, &rec)?;
+        }
+        self.load_snapshot(&rec, stop_after)?;
+        let _g = self.snap_lock.lock();
+        self.prune_snapshot_files(false)?;
+        Ok(rec)
+    }
+
+    /// Replace the state machine with a verified, kept snapshot file: clear the state-machine
+    /// CFs, write the records in batches of about [`INSTALL_BATCH_BYTES`], then, in one synced
+    /// batch, `applied`, `membership`, the new current record and the removal of the marker.
+    /// RocksDB's WAL keeps writes in order, so after a crash the marker is present until the
+    /// last batch is; [`Store::open`] then runs this again from the same file.
+    fn load_snapshot(
+        &self,
+        rec: &SnapshotRecord,
+        stop_after: Option<u64>,
+    ) -> Result<(), SnapshotError> {
+        let path = self.snap_dir.join(&rec.file);
+        let mut wb = WriteBatch::default();
+        for name in SM_CFS {
+            let cf = self.cf(name);
+            let first = self.db.iterator_cf(cf, IteratorMode::Start).next();
+            let last = self.db.iterator_cf(cf, IteratorMode::End).next();
+            if let (Some(first), Some(last)) = (first, last) {
+                let (first, last) = (first?.0, last?.0);
+                wb.delete_range_cf(cf, &first, &last);
+                wb.delete_cf(cf, &last);
+            }
+        }
+        self.db.write(wb)?;
+
+        let f = File::open(&path).map_err(file_err(&path))?;
+        let mut reader = snapshot::Reader::new(BufReader::with_capacity(FILE_BUFFER, f))?;
+        let mut wb = WriteBatch::default();
+        let mut cf = None;
+        let mut loaded = 0u64;
+        while let Some(frame) = reader.next_frame()? {
+            match frame {
+                Frame::Section(name) => cf = Some(self.sm_cf(&name)?),
+                Frame::Record { key, value } => {
+                    let cf = cf.ok_or(FormatError::NoSection)?;
+                    wb.put_cf(cf, key, value);
+                    loaded += 1;
+                    if wb.size_in_bytes() >= INSTALL_BATCH_BYTES {
+                        self.db.write(std::mem::take(&mut wb))?;
+                        if stop_after.is_some_and(|n| loaded >= n) {
+                            return Err(SnapshotError::Stopped(loaded));
+                        }
+                    }
+                }
+            }
+        }
+        let sm = self.cf(CF_SM);
+        wb.put_cf(sm, K_APPLIED, bincode::serialize(&rec.meta.last_log_id)?);
+        wb.put_cf(
+            sm,
+            K_MEMBERSHIP,
+            bincode::serialize(&rec.meta.last_membership)?,
+        );
+        let snap = self.cf(CF_SNAPSHOT);
+        wb.put_cf(snap, K_SNAPSHOT, bincode::serialize(rec)?);
+        wb.delete_cf(snap, K_INSTALLING);
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(wb, &wo)?;
+        Ok(())
     }
 }
 
@@ -1031,68 +1496,31 @@ impl StateMachine {
             .changes
             .push((cur.revision, StateChange::Grant(g.clone())));
     }
-
-    fn snapshot_data(&self) -> StorageResult<Vec<u8>> {
-        let mut all: Vec<(u8, Vec<u8>, Vec<u8>)> = Vec::new();
-        for (i, cf) in SM_CFS.iter().enumerate() {
-            for item in self
-                .store
-                .db
-                .iterator_cf(self.store.cf(cf), IteratorMode::Start)
-            {
-                let (k, v) =
-                    item.map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))?;
-                all.push((i as u8, k.to_vec(), v.to_vec()));
-            }
-        }
-        bincode::serialize(&all).map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))
-    }
-
-    fn put_snapshot(&self, snap: &StoredSnapshot) -> StorageResult<()> {
-        let bytes = bincode::serialize(snap).map_err(write_err)?;
-        let mut wo = WriteOptions::default();
-        wo.set_sync(true);
-        self.store
-            .db
-            .put_cf_opt(self.store.cf(CF_SNAPSHOT), b"current", bytes, &wo)
-            .map_err(|e| {
-                io_err(
-                    ErrorSubject::Snapshot(Some(snap.meta.signature())),
-                    ErrorVerb::Write,
-                    e,
-                )
-            })
-    }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    /// Streams one RocksDB snapshot of the state-machine column families to a file (on a
+    /// blocking thread: `apply` keeps running meanwhile and does not disturb the view).
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
-        // A consistent view: the state machine is only written by `apply`, which does not run
-        // concurrently with this builder's reads of a RocksDB snapshot.
-        let (applied, membership) = self.applied_state().await?;
-        let data = self.snapshot_data()?;
-        let snapshot_id = match applied {
-            Some(l) => format!(
-                "{}-{}-{}",
-                l.leader_id,
-                l.index,
-                custos_core::events::now_unix_nano()
-            ),
-            None => format!("--{}", custos_core::events::now_unix_nano()),
-        };
-        let meta = SnapshotMeta {
-            last_log_id: applied,
-            last_membership: membership,
-            snapshot_id,
-        };
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            data,
-        };
-        self.put_snapshot(&stored)?;
+        let store = self.store.clone();
+        let (rec, file) = tokio::task::spawn_blocking(move || {
+            let (rec, file) = store.build_snapshot_file()?;
+            store.set_current_snapshot(&rec)?;
+            Ok::<_, SnapshotError>((rec, file))
+        })
+        .await
+        .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?
+        .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
+        tracing::info!(
+            snapshot = %rec.meta.snapshot_id,
+            records = rec.records,
+            file = %rec.file,
+            "built snapshot"
+        );
+        let path = self.store.snap_dir.join(&rec.file);
         Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(stored.data)),
+            meta: rec.meta,
+            snapshot: Box::new(SnapshotFile::new(file, path, false)),
         })
     }
 }
@@ -1171,58 +1599,49 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    /// A fresh temporary file in the snapshot directory; openraft writes the chunks into it.
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<SnapshotFile>> {
+        let store = self.store.clone();
+        let (file, path) = tokio::task::spawn_blocking(move || store.new_temp_file("recv"))
+            .await
+            .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?
+            .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
+        Ok(Box::new(SnapshotFile::new(file, path, true)))
     }
 
+    /// Verify the received file, keep it, then load it in bounded batches (see
+    /// [`Store::install_snapshot_file`]).
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, Node>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<SnapshotFile>,
     ) -> StorageResult<()> {
-        let data = snapshot.into_inner();
-        let all: Vec<(u8, Vec<u8>, Vec<u8>)> = bincode::deserialize(&data).map_err(|e| {
-            io_err(
-                ErrorSubject::Snapshot(Some(meta.signature())),
-                ErrorVerb::Read,
-                e,
-            )
-        })?;
-        let mut wb = WriteBatch::default();
-        for cf in SM_CFS {
-            let h = self.store.cf(cf);
-            for item in self.store.db.iterator_cf(h, IteratorMode::Start) {
-                let (k, _) =
-                    item.map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))?;
-                wb.delete_cf(h, k);
-            }
-        }
-        for (i, k, v) in all {
-            let Some(cf) = SM_CFS.get(i as usize) else {
-                continue;
+        let subject = || ErrorSubject::Snapshot(Some(meta.signature()));
+        let (file, path, temporary) = snapshot
+            .into_parts()
+            .await
+            .map_err(|e| io_err(subject(), ErrorVerb::Write, e))?;
+        let store = self.store.clone();
+        let owned_meta = meta.clone();
+        let rec = tokio::task::spawn_blocking(move || {
+            store.install_snapshot_file(&owned_meta, file, &path, temporary, None)
+        })
+        .await
+        .map_err(|e| io_err(subject(), ErrorVerb::Write, e))?
+        .map_err(|e| {
+            let verb = match e {
+                SnapshotError::Refused(_) => ErrorVerb::Read,
+                _ => ErrorVerb::Write,
             };
-            wb.put_cf(self.store.cf(cf), k, v);
-        }
-        // The snapshot's own applied/membership are authoritative.
-        let sm = self.store.cf(CF_SM);
-        wb.put_cf(
-            sm,
-            K_APPLIED,
-            bincode::serialize(&meta.last_log_id).map_err(write_err)?,
-        );
-        wb.put_cf(
-            sm,
-            K_MEMBERSHIP,
-            bincode::serialize(&meta.last_membership).map_err(write_err)?,
-        );
-        self.store
-            .db
-            .write(wb)
-            .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
-        self.put_snapshot(&StoredSnapshot {
-            meta: meta.clone(),
-            data,
+            tracing::error!(snapshot = %meta.snapshot_id, error = %e, "snapshot install failed");
+            io_err(subject(), verb, e)
         })?;
+        tracing::info!(
+            snapshot = %meta.snapshot_id,
+            records = rec.records,
+            file = %rec.file,
+            "installed snapshot"
+        );
         let _ = self
             .store
             .changes_tx
@@ -1231,16 +1650,23 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
-        let snap: Option<StoredSnapshot> = self.store.get(CF_SNAPSHOT, b"current")?;
-        Ok(snap.map(|s| Snapshot {
-            meta: s.meta,
-            snapshot: Box::new(Cursor::new(s.data)),
+        let current = self
+            .store
+            .current_snapshot()
+            .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
+        Ok(current.map(|(rec, file)| Snapshot {
+            snapshot: Box::new(SnapshotFile::new(
+                file,
+                self.store.snap_dir.join(&rec.file),
+                false,
+            )),
+            meta: rec.meta,
         }))
     }
 }
 
 /// Open a store and return the two halves openraft needs.
-pub fn open(dir: &Path) -> Result<(Arc<Store>, LogStore, StateMachine), rocksdb::Error> {
+pub fn open(dir: &Path) -> Result<(Arc<Store>, LogStore, StateMachine), OpenError> {
     let store = Store::open(dir)?;
     Ok((
         store.clone(),
@@ -1266,5 +1692,395 @@ pub fn connection_to_proto(
         options: c.options.clone().into_iter().collect(),
         secrets: secrets.into_iter().collect(),
         revision: c.revision,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use custos_core::events::Origin;
+    use custos_proto::v1::CommandReceived;
+    use openraft::{CommittedLeaderId, Membership};
+    use std::collections::BTreeSet;
+    use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+
+    type Dump = Vec<(&'static str, Vec<(Vec<u8>, Vec<u8>)>)>;
+
+    fn entry(index: u64, payload: EntryPayload<TypeConfig>) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload,
+        }
+    }
+
+    fn event(text: &str) -> Vec<u8> {
+        let origin = Origin {
+            edge_id: "edge-t".into(),
+            session_id: "s".into(),
+            identity: "alice".into(),
+            connection: "pg".into(),
+        };
+        origin
+            .event(Payload::CommandReceived(CommandReceived {
+                command_id: "c".into(),
+                text: text.into(),
+                ..Default::default()
+            }))
+            .encode_to_vec()
+    }
+
+    /// A store with `records` ingested events and something in every state-machine CF.
+    async fn populate(sm: &mut StateMachine, records: usize, tag: &str) -> u64 {
+        let mut index = 0;
+        let mut next = |p| {
+            index += 1;
+            entry(index, p)
+        };
+        let mut entries = vec![next(EntryPayload::Membership(Membership::new(
+            vec![BTreeSet::from([1, 2, 3])],
+            (),
+        )))];
+        let cmds = vec![
+            Command::ApplyPolicy {
+                text: format!("permit(principal, action, resource); // {tag}"),
+                description: "all".into(),
+                author: "admin".into(),
+                expected_version: 0,
+                applied_unix_nano: 1,
+                event: event("policy"),
+            },
+            Command::PutConnection {
+                conn: StoredConnection {
+                    name: format!("pg-{tag}"),
+                    kind: "postgres".into(),
+                    ..Default::default()
+                },
+                keep_secrets: false,
+                event: event("conn"),
+                committed_unix_nano: 2,
+            },
+            Command::IssueToken {
+                token: StoredToken {
+                    token_id: format!("tok-{tag}"),
+                    sha256: "00".into(),
+                    subject: "alice".into(),
+                    ..Default::default()
+                },
+                event: event("token"),
+                committed_unix_nano: 3,
+            },
+            Command::CreateApproval {
+                approval: Approval {
+                    id: format!("appr-{tag}"),
+                    state: approvals::PENDING.into(),
+                    identity: "alice".into(),
+                    expires_unix_nano: i64::MAX,
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+                event_id: custos_core::events::new_id(),
+            },
+            Command::Ingest {
+                committed_unix_nano: 4,
+                items: vec![IngestItem {
+                    data: b"not an event".to_vec(),
+                    bus_seq: 7,
+                }],
+            },
+        ];
+        entries.extend(cmds.into_iter().map(|c| next(EntryPayload::Normal(c))));
+        sm.apply(entries).await.unwrap();
+        let text = format!("SELECT * FROM customers WHERE region = '{tag}' ").repeat(4);
+        let mut left = records;
+        while left > 0 {
+            let n = left.min(2000);
+            left -= n;
+            let items = (0..n)
+                .map(|_| IngestItem {
+                    data: event(&text),
+                    bus_seq: 0,
+                })
+                .collect();
+            sm.apply([next(EntryPayload::Normal(Command::Ingest {
+                committed_unix_nano: 5,
+                items,
+            }))])
+            .await
+            .unwrap();
+        }
+        index
+    }
+
+    fn dump(store: &Store) -> Dump {
+        SM_CFS
+            .iter()
+            .map(|name| {
+                let kv = store
+                    .db
+                    .iterator_cf(store.cf(name), IteratorMode::Start)
+                    .map(|i| {
+                        let (k, v) = i.unwrap();
+                        (k.to_vec(), v.to_vec())
+                    })
+                    .collect();
+                (*name, kv)
+            })
+            .collect()
+    }
+
+    fn files(store: &Store) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(store.snapshot_dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Send a snapshot the way openraft's chunked transport does: seek, read chunks, write.
+    async fn transfer(from: &mut SnapshotFile, to: &mut SnapshotFile) {
+        from.seek(SeekFrom::Start(0)).await.unwrap();
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            let n = from.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            to.write_all(&buf[..n]).await.unwrap();
+        }
+        to.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_large_snapshot_installs_every_cf_identically() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let (a, _, mut sma) = open(&dir.path().join("a")).unwrap();
+        populate(&mut sma, 60_000, "a").await;
+        let mut snap = sma
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        assert_eq!(snap.meta.last_log_id, sma.applied_state().await.unwrap().0);
+        assert_eq!(files(&a).len(), 1, "{:?}", files(&a));
+
+        let (b, _, mut smb) = open(&dir.path().join("b")).unwrap();
+        populate(&mut smb, 100, "b").await;
+        let mut changes = b.changes_tx.subscribe();
+        let mut recv = smb.begin_receiving_snapshot().await.unwrap();
+        transfer(&mut snap.snapshot, &mut recv).await;
+        smb.install_snapshot(&snap.meta, recv).await.unwrap();
+
+        assert_eq!(dump(&a), dump(&b));
+        let v = b.verify();
+        assert_eq!(v.fault, None);
+        assert_eq!(v.checked, a.audit_head().seq);
+        assert!(v.checked > 60_000);
+        assert_eq!(v.parked, 1);
+        assert_eq!(
+            smb.applied_state().await.unwrap(),
+            sma.applied_state().await.unwrap()
+        );
+        assert!(matches!(changes.try_recv(), Ok((_, StateChange::Resync))));
+        let cur = smb.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(cur.meta, snap.meta);
+        let kept = files(&b);
+        assert_eq!(kept.len(), 1, "only the installed file is kept: {kept:?}");
+        assert!(kept[0].ends_with(".snap"));
+        assert!(!b.installing_snapshot());
+
+        // A newer build replaces the file; the old one goes.
+        let before = files(&a);
+        sma.get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let after = files(&a);
+        assert_eq!(after.len(), 1);
+        assert_ne!(before, after);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_damaged_snapshot_is_refused_and_changes_nothing() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let (_a, _, mut sma) = open(&dir.path().join("a")).unwrap();
+        populate(&mut sma, 3000, "a").await;
+        let snap = sma
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let good = std::fs::read(snap.snapshot.path()).unwrap();
+
+        let (b, _, mut smb) = open(&dir.path().join("b")).unwrap();
+        populate(&mut smb, 50, "b").await;
+        smb.get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let before = dump(&b);
+        let before_files = files(&b);
+        let before_applied = smb.applied_state().await.unwrap();
+
+        let mut flipped = good.clone();
+        flipped[good.len() / 2] ^= 0x10;
+        let mut wrong_cf = Vec::new();
+        {
+            let mut w = snapshot::Writer::new(&mut wrong_cf).unwrap();
+            w.section("not_a_cf").unwrap();
+            w.record(b"k", b"v").unwrap();
+            w.finish().unwrap();
+        }
+        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            ("truncated", good[..good.len() / 2].to_vec(), "truncated"),
+            (
+                "last byte cut",
+                good[..good.len() - 1].to_vec(),
+                "truncated",
+            ),
+            ("bit flip", flipped, "checksum"),
+            ("empty", Vec::new(), "truncated"),
+            ("unknown cf", wrong_cf, "not_a_cf"),
+        ];
+        for (what, bytes, expect) in cases {
+            let mut recv = smb.begin_receiving_snapshot().await.unwrap();
+            recv.write_all(&bytes).await.unwrap();
+            recv.shutdown().await.unwrap();
+            let err = smb
+                .install_snapshot(&snap.meta, recv)
+                .await
+                .expect_err(what)
+                .to_string();
+            assert!(
+                err.contains("refused") && err.contains(expect),
+                "{what}: {err}"
+            );
+            assert_eq!(dump(&b), before, "{what}: state machine changed");
+            assert_eq!(files(&b), before_files, "{what}: files changed");
+            assert!(!b.installing_snapshot());
+            assert_eq!(smb.applied_state().await.unwrap(), before_applied);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_interrupted_install_is_finished_on_reopen() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let (a, _, mut sma) = open(&dir.path().join("a")).unwrap();
+        populate(&mut sma, 30_000, "a").await;
+        let snap = sma
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let path = snap.snapshot.path().to_path_buf();
+
+        let b_dir = dir.path().join("b");
+        let (b, lb, mut smb) = open(&b_dir).unwrap();
+        populate(&mut smb, 100, "b").await;
+        let file = File::open(&path).unwrap();
+        let err = b
+            .install_snapshot_file(&snap.meta, file, &path, false, Some(1))
+            .unwrap_err();
+        assert!(matches!(err, SnapshotError::Stopped(_)), "{err}");
+        assert!(b.installing_snapshot());
+        let partial = dump(&b);
+        assert_ne!(partial, dump(&a), "the load stopped part way");
+        assert!(partial.iter().any(|(_, kv)| !kv.is_empty()));
+        drop((b, lb, smb));
+
+        // Reopen: the marker makes the store load the kept file again before anything reads it.
+        let (b, _, mut smb) = open(&b_dir).unwrap();
+        assert!(!b.installing_snapshot());
+        assert_eq!(dump(&b), dump(&a));
+        assert_eq!(b.verify().fault, None);
+        assert_eq!(
+            smb.applied_state().await.unwrap(),
+            sma.applied_state().await.unwrap()
+        );
+        let cur = smb.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(cur.meta, snap.meta);
+        assert_eq!(files(&b).len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_interrupted_install_with_a_damaged_file_fails_to_open() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let (_a, _, mut sma) = open(&dir.path().join("a")).unwrap();
+        populate(&mut sma, 20_000, "a").await;
+        let snap = sma
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let path = snap.snapshot.path().to_path_buf();
+        let b_dir = dir.path().join("b");
+        let (b, lb, smb) = open(&b_dir).unwrap();
+        let rec = b
+            .install_snapshot_file(
+                &snap.meta,
+                File::open(&path).unwrap(),
+                &path,
+                false,
+                Some(1),
+            )
+            .map(|_| ())
+            .unwrap_err();
+        assert!(matches!(rec, SnapshotError::Stopped(_)));
+        let kept = b.snapshot_record(K_INSTALLING).unwrap().unwrap().file;
+        drop((b, lb, smb));
+        let kept = b_dir.join(SNAPSHOT_DIR).join(kept);
+        let len = std::fs::metadata(&kept).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&kept)
+            .unwrap()
+            .set_len(len - 10)
+            .unwrap();
+        let err = open(&b_dir).map(|_| ()).unwrap_err().to_string();
+        assert!(
+            err.contains("interrupted snapshot install") && err.contains("truncated"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_old_in_database_snapshot_and_stray_files_are_dropped_at_open() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let db_dir = dir.path().join("db");
+        let (s, l, mut sm) = open(&db_dir).unwrap();
+        populate(&mut sm, 10, "a").await;
+        sm.get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let kept = files(&s);
+        s.db.put_cf(s.cf(CF_SNAPSHOT), K_SNAPSHOT_IN_DB, vec![7u8; 1 << 20])
+            .unwrap();
+        let _ = s.snapshot_record(K_SNAPSHOT).unwrap().unwrap();
+        for stray in ["recv-1-1.tmp", "build-1-1.tmp", "snap-1-1-1.snap"] {
+            std::fs::write(s.snapshot_dir().join(stray), b"x").unwrap();
+        }
+        drop((s, l, sm));
+        let (s, _, mut sm) = open(&db_dir).unwrap();
+        assert_eq!(
+            s.db.get_cf(s.cf(CF_SNAPSHOT), K_SNAPSHOT_IN_DB).unwrap(),
+            None
+        );
+        assert_eq!(files(&s), kept);
+        assert!(sm.get_current_snapshot().await.unwrap().is_some());
+
+        // A current record whose file is gone is forgotten (openraft rebuilds).
+        std::fs::remove_file(s.snapshot_dir().join(&kept[0])).unwrap();
+        drop((s, sm));
+        let (s, _, mut sm) = open(&db_dir).unwrap();
+        assert!(sm.get_current_snapshot().await.unwrap().is_none());
+        assert!(s.current_snapshot_record().unwrap().is_none());
     }
 }

@@ -1,7 +1,6 @@
 //! The Raft type configuration and the commands replicated through the log.
 
 use std::collections::BTreeMap;
-use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
@@ -9,14 +8,14 @@ pub type NodeId = u64;
 pub type Node = openraft::BasicNode;
 
 openraft::declare_raft_types!(
-    /// custos's Raft types: commands in, responses out, snapshots as in-memory buffers.
+    /// custos's Raft types: commands in, responses out, snapshots as files (crate::snapshot).
     pub TypeConfig:
         D = Command,
         R = Response,
         NodeId = NodeId,
         Node = Node,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = crate::snapshot::SnapshotFile,
         AsyncRuntime = openraft::TokioRuntime
 );
 
