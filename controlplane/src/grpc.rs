@@ -49,6 +49,19 @@ fn bearer<T>(req: &Request<T>) -> Option<String> {
 }
 
 impl Inner {
+    /// Refuse reads of the replicated state while a snapshot install has it part loaded: an
+    /// answer then would show records or connections missing that are not missing.
+    fn whole_state(&self) -> Result<(), Status> {
+        if self.store.installing_snapshot() {
+            return Err(Status::unavailable(format!(
+                "node {} is installing a Raft snapshot from the leader, so its copy of the log and \
+                 configuration is part loaded; retry in a few seconds or ask another node",
+                self.id
+            )));
+        }
+        Ok(())
+    }
+
     pub(crate) fn authorize<T>(&self, req: &Request<T>, need: Need) -> Result<Caller, Status> {
         let Some(token) = bearer(req) else {
             return Err(Status::unauthenticated(
@@ -592,6 +605,7 @@ impl Audit for Svc {
         req: Request<pb::AuditQuery>,
     ) -> Result<TResponse<pb::AuditRecords>, Status> {
         self.0.authorize(&req, Need::Admin)?;
+        self.0.whole_state()?;
         let q = req.into_inner();
         let limit = match q.limit {
             0 => 1000,
@@ -624,6 +638,7 @@ impl Audit for Svc {
         req: Request<pb::TailRequest>,
     ) -> Result<TResponse<Self::TailStream>, Status> {
         self.0.authorize(&req, Need::Admin)?;
+        self.0.whole_state()?;
         let r = req.into_inner();
         let inner = self.0.clone();
         let (tx, rx) = mpsc::channel(256);
@@ -681,6 +696,7 @@ impl Audit for Svc {
         req: Request<pb::VerifyRequest>,
     ) -> Result<TResponse<pb::VerifyReply>, Status> {
         self.0.authorize(&req, Need::Admin)?;
+        self.0.whole_state()?;
         let store = self.0.store.clone();
         let out = tokio::task::spawn_blocking(move || store.verify())
             .await
@@ -758,6 +774,7 @@ impl EdgeSync for Svc {
         req: Request<pb::WatchRequest>,
     ) -> Result<TResponse<Self::WatchStream>, Status> {
         let caller = self.0.authorize(&req, Need::Edge)?;
+        self.0.whole_state()?;
         tracing::info!(edge = %req.get_ref().edge_id, subject = %caller.subject, "edge watching configuration");
         let inner = self.0.clone();
         let mut changes = inner.store.changes_tx.subscribe();
