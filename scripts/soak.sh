@@ -6,6 +6,7 @@
 #   ./scripts/soak.sh                       30 minutes
 #   SOAK_MINUTES=5 ./scripts/soak.sh        a shorter run
 #   CUSTOS_BIN_DIR=/tmp/bench-bin ./scripts/soak.sh   binaries built elsewhere
+#   SOAK_KEEP=1 ./scripts/soak.sh          keep the cluster folder (logs, data) and print its path
 # Needs: PostgreSQL on 127.0.0.1:5432 with trust for user postgres (the target), nats-server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +24,7 @@ work=$(mktemp -d)
 cluster_pid=""
 cleanup() {
   if [ -n "$cluster_pid" ]; then kill -TERM "$cluster_pid" 2>/dev/null || true; wait "$cluster_pid" 2>/dev/null || true; fi
-  rm -rf "$work"
+  if [ "${SOAK_KEEP:-0}" = 1 ]; then echo "kept $work (logs: $work/cluster/*/*.log)" >&2; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
 # Wait for a port while the cluster launcher runs (3 minutes at most); show its output if it gave up.
@@ -70,6 +71,23 @@ for e in 1 2; do pids+=(--pid "edge$e=$(pid_of "$work/cluster/edge$e/edge.toml")
 } >>"$OUT"
 "$BIN/custos-loadtest" soak --edge "127.0.0.1:$EDGE1" --edge "127.0.0.1:$EDGE2" \
   --minutes "$MINUTES" "${pids[@]}" --out "$OUT"
-echo "audit verify on node1:"
-"$BIN/custos" audit verify
+# Every node must end with the same log: wait (2 minutes at most) for the followers to apply
+# what the leader holds, then verify each one. A node left behind is reported, not hidden.
+head_of() { curl -s "http://127.0.0.1:$1/metrics" | awk '/^custos_audit_head_seq/ {print $2}'; }
+for _ in $(seq 120); do
+  h1=$(head_of $((BASE + 10))); h2=$(head_of $((BASE + 12))); h3=$(head_of $((BASE + 14)))
+  [ -n "$h1" ] && [ "$h1" = "$h2" ] && [ "$h2" = "$h3" ] && break
+  sleep 1
+done
+echo "audit heads: node1 ${h1:-?}, node2 ${h2:-?}, node3 ${h3:-?}" | tee -a "$OUT"
+status=0
+for n in 1 2 3; do
+  echo "audit verify on node$n:"
+  CUSTOS_SERVER="http://127.0.0.1:$((BASE + 7 + 2 * n))" "$BIN/custos" audit verify | tee -a "$OUT" || status=1
+done
+if [ "${h1:-}" != "${h2:-}" ] || [ "${h2:-}" != "${h3:-}" ]; then
+  echo "FAILED: the nodes' audit heads differ 2 minutes after the load stopped" | tee -a "$OUT"
+  status=1
+fi
 echo "results appended to $OUT"
+exit "$status"
