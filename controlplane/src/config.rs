@@ -79,6 +79,11 @@ pub struct ClusterConfig {
     pub snapshot_every: u64,
     /// Log entries kept after a snapshot (so slow followers catch up from the log).
     pub keep_logs: u64,
+    /// How long the leader waits for a follower to take one snapshot chunk; the last chunk's
+    /// answer also waits for the follower to verify and install the whole snapshot. A chunk that
+    /// times out restarts the transfer from the beginning, so this must cover the slowest
+    /// install, not the typical chunk.
+    pub snapshot_chunk_timeout_ms: u64,
 }
 
 impl Default for ClusterConfig {
@@ -90,6 +95,7 @@ impl Default for ClusterConfig {
             election_timeout_max_ms: 2000,
             snapshot_every: 5000,
             keep_logs: 1000,
+            snapshot_chunk_timeout_ms: 30_000,
         }
     }
 }
@@ -231,6 +237,12 @@ impl ControlPlaneConfig {
             return bad(
                 "cluster.election_timeout_min_ms",
                 "need heartbeat_ms < election_timeout_min_ms < election_timeout_max_ms",
+            );
+        }
+        if self.cluster.snapshot_chunk_timeout_ms < 1000 {
+            return bad(
+                "cluster.snapshot_chunk_timeout_ms",
+                "must be at least 1000: a follower installs the whole snapshot before it answers the last chunk",
             );
         }
         if self.bus.batch_max == 0 || self.bus.batch_max > 50_000 {

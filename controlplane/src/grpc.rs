@@ -985,9 +985,26 @@ fn decode<T: serde::de::DeserializeOwned>(p: &pb::RaftPayload) -> Result<T, Stat
         .map_err(|e| Status::invalid_argument(format!("undecodable raft payload: {e}")))
 }
 
+/// Run a replication request to the end even when the leader stops waiting. The leader's
+/// deadline (grpc-timeout) drops this handler's future; dropped halfway, a snapshot chunk is
+/// half-written and the transfer must restart, and a large append is decoded again on every
+/// retry. Detached, the work the leader already paid for lands, and its retry finds it done.
+async fn to_completion<T: Send + 'static>(
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| Status::internal(format!("raft request task failed: {e}")))
+}
+
 fn encode<T: serde::Serialize>(v: &T) -> Result<TResponse<pb::RaftPayload>, Status> {
     bincode::serialize(v)
-        .map(|data| TResponse::new(pb::RaftPayload { data }))
+        .map(|data| {
+            TResponse::new(pb::RaftPayload {
+                data,
+                chunk: Vec::new(),
+            })
+        })
         .map_err(|e| Status::internal(e.to_string()))
 }
 
@@ -999,7 +1016,8 @@ impl raft_server::Raft for Svc {
     ) -> Result<TResponse<pb::RaftPayload>, Status> {
         self.0.authorize(&req, Need::Cluster)?;
         let r: AppendEntriesRequest<TypeConfig> = decode(req.get_ref())?;
-        encode(&self.0.raft.append_entries(r).await)
+        let raft = self.0.raft.clone();
+        encode(&to_completion(async move { raft.append_entries(r).await }).await?)
     }
 
     async fn install_snapshot(
@@ -1007,8 +1025,12 @@ impl raft_server::Raft for Svc {
         req: Request<pb::RaftPayload>,
     ) -> Result<TResponse<pb::RaftPayload>, Status> {
         self.0.authorize(&req, Need::Cluster)?;
-        let r: InstallSnapshotRequest<TypeConfig> = decode(req.get_ref())?;
-        encode(&self.0.raft.install_snapshot(r).await)
+        let mut r: InstallSnapshotRequest<TypeConfig> = decode(req.get_ref())?;
+        if r.data.is_empty() {
+            r.data = req.into_inner().chunk;
+        }
+        let raft = self.0.raft.clone();
+        encode(&to_completion(async move { raft.install_snapshot(r).await }).await?)
     }
 
     async fn vote(

@@ -77,6 +77,7 @@ impl Connection {
         &mut self,
         which: &'static str,
         req: &Req,
+        chunk: Vec<u8>,
         timeout: Duration,
     ) -> Result<Resp, RPCError<NodeId, Node, E>>
     where
@@ -88,7 +89,7 @@ impl Connection {
             RPCError::Unreachable(Unreachable::new(&std::io::Error::other("bad peer address")))
         })?;
         let data = bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let mut request = tonic::Request::new(RaftPayload { data });
+        let mut request = tonic::Request::new(RaftPayload { data, chunk });
         request.set_timeout(timeout);
         if let Ok(v) = format!("Bearer {}", self.secret).parse() {
             request.metadata_mut().insert("authorization", v);
@@ -116,7 +117,8 @@ impl RaftNetwork<TypeConfig> for Connection {
         req: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
-        self.call("append", &req, option.hard_ttl()).await
+        self.call("append", &req, Vec::new(), option.hard_ttl())
+            .await
     }
 
     async fn install_snapshot(
@@ -127,7 +129,9 @@ impl RaftNetwork<TypeConfig> for Connection {
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, Node, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        self.call("snapshot", &req, option.hard_ttl()).await
+        let mut req = req;
+        let chunk = std::mem::take(&mut req.data);
+        self.call("snapshot", &req, chunk, option.hard_ttl()).await
     }
 
     async fn vote(
@@ -135,6 +139,6 @@ impl RaftNetwork<TypeConfig> for Connection {
         req: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
-        self.call("vote", &req, option.hard_ttl()).await
+        self.call("vote", &req, Vec::new(), option.hard_ttl()).await
     }
 }

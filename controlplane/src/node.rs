@@ -170,6 +170,9 @@ impl ControlPlane {
             // request (64 entries of 2000 events each once kept a restarted follower from ever
             // catching up: every request timed out).
             max_payload_entries: 8,
+            // openraft's default is 200 ms per chunk, and one late chunk restarts the whole
+            // transfer: a follower that needed a large snapshot under load never got one.
+            install_snapshot_timeout: config.cluster.snapshot_chunk_timeout_ms,
             ..Default::default()
         }
         .validate()
@@ -417,7 +420,10 @@ impl Inner {
             .max_decoding_message_size(network::MAX_MESSAGE)
             .max_encoding_message_size(network::MAX_MESSAGE);
         let data = bincode::serialize(cmd).map_err(|e| e.to_string())?;
-        let mut req = tonic::Request::new(RaftPayload { data });
+        let mut req = tonic::Request::new(RaftPayload {
+            data,
+            chunk: Vec::new(),
+        });
         req.set_timeout(Duration::from_secs(10));
         if let Ok(v) = format!("Bearer {}", self.cluster_secret).parse() {
             req.metadata_mut().insert("authorization", v);

@@ -1623,6 +1623,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .map_err(|e| io_err(subject(), ErrorVerb::Write, e))?;
         let store = self.store.clone();
         let owned_meta = meta.clone();
+        let started = std::time::Instant::now();
         let rec = tokio::task::spawn_blocking(move || {
             store.install_snapshot_file(&owned_meta, file, &path, temporary, None)
         })
@@ -1640,6 +1641,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             snapshot = %meta.snapshot_id,
             records = rec.records,
             file = %rec.file,
+            elapsed_ms = started.elapsed().as_millis() as u64,
             "installed snapshot"
         );
         let _ = self
