@@ -22,6 +22,22 @@ async fn head(server: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// A bus client publishing as an edge would, and the origin its events carry.
+async fn publisher(nats: &Nats, identity: &str, connection: &str) -> Result<(NatsBus, Origin)> {
+    let bus = NatsBus::connect(NatsConfig {
+        url: nats.url(),
+        ..Default::default()
+    })
+    .await?;
+    let origin = Origin {
+        edge_id: "e".into(),
+        identity: identity.into(),
+        connection: connection.into(),
+        ..Default::default()
+    };
+    Ok((bus, origin))
+}
+
 async fn issue_tokens(server: &str, n: usize) -> Result<()> {
     let mut c = client(server).await;
     for i in 0..n {
@@ -245,18 +261,8 @@ async fn malformed_events_are_parked_and_do_not_block_ingest() -> Result<()> {
     let mut nodes = cluster(root.path(), &[1], &[1], &opts)?;
     nodes[0].spawn()?;
     let server = nodes[0].server();
-    let bus = NatsBus::connect(NatsConfig {
-        url: nats.url(),
-        ..Default::default()
-    })
-    .await?;
+    let (bus, origin) = publisher(&nats, "bob", "db").await?;
     let js = bus.jetstream().clone();
-    let origin = Origin {
-        edge_id: "e".into(),
-        identity: "bob".into(),
-        connection: "db".into(),
-        ..Default::default()
-    };
     let mut good = 0;
     for i in 0..60 {
         if i % 10 == 3 {
@@ -312,17 +318,7 @@ async fn events_the_consumer_skipped_are_read_back_and_a_lost_one_fails_verify()
     let mut nodes = cluster(root.path(), &[1], &[1], &opts)?;
     nodes[0].spawn()?;
     let server = nodes[0].server();
-    let bus = NatsBus::connect(NatsConfig {
-        url: nats.url(),
-        ..Default::default()
-    })
-    .await?;
-    let origin = Origin {
-        edge_id: "e".into(),
-        identity: "bob".into(),
-        connection: "db".into(),
-        ..Default::default()
-    };
+    let (bus, origin) = publisher(&nats, "bob", "db").await?;
     let mut ids = Vec::new();
     let mut publish = |n: usize| {
         let evs: Vec<_> = (0..n)
@@ -448,17 +444,7 @@ async fn a_follower_far_behind_catches_up_through_a_large_snapshot() -> Result<(
     let live = nodes.iter().find(|n| n.id == l).unwrap().server();
     nodes[victim].kill();
 
-    let bus = NatsBus::connect(NatsConfig {
-        url: nats.url(),
-        ..Default::default()
-    })
-    .await?;
-    let origin = Origin {
-        edge_id: "e".into(),
-        identity: "bob".into(),
-        connection: "db".into(),
-        ..Default::default()
-    };
+    let (bus, origin) = publisher(&nats, "bob", "db").await?;
     // 1,600 events of ~8 KiB: ~13 MiB of state, a snapshot of five chunks, ~50 log entries.
     const N: u64 = 1600;
     for i in 0..N {
@@ -919,17 +905,7 @@ async fn committed_records_are_republished_as_ocsf_json_for_siems() -> Result<()
         },
     )?;
     nodes[0].spawn()?;
-    let bus = NatsBus::connect(NatsConfig {
-        url: nats.url(),
-        ..Default::default()
-    })
-    .await?;
-    let origin = Origin {
-        edge_id: "e".into(),
-        identity: "carol".into(),
-        connection: "prod.pg".into(),
-        ..Default::default()
-    };
+    let (bus, origin) = publisher(&nats, "carol", "prod.pg").await?;
     for _ in 0..25 {
         bus.publish(&origin.event(Payload::SessionStarted(SessionStarted {
             protocol: "postgres".into(),
