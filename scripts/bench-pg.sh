@@ -7,6 +7,10 @@
 #   BENCH_CP=off ./scripts/bench-pg.sh …   stops the control plane for the runs (the edge serves with
 #     the configuration it has and NATS keeps the events), so the figures show the data path alone;
 #     the control plane is restarted afterwards and ingests the backlog.
+#   PERF_EDGE=FILE ./scripts/bench-pg.sh …   also samples the edge with perf (perf report -i FILE).
+# It prints the CPU seconds NATS, the control plane and the edge used during the runs: divided by
+# the statements the custos targets ran, they give a CPU cost per statement that moves much less
+# with the machine's other load than the TPS figures do.
 # Needs: PostgreSQL on 127.0.0.1:5432 (trust for user postgres), nats-server, pgbouncer, haproxy
 # (./scripts/bench-deps.sh installs the last two).
 set -euo pipefail
@@ -73,17 +77,32 @@ url = "nats://127.0.0.1:$NATS_PORT"
 listen = "127.0.0.1:$EDGE_PORT"
 allow_insecure_password = true
 TOML
-CUSTOS_LOG=warn "$BIN/custos" edge --config "$work/edge.toml" 2>"$work/edge.log" & pids+=($!)
+CUSTOS_LOG=warn "$BIN/custos" edge --config "$work/edge.toml" 2>"$work/edge.log" & edge_pid=$!; pids+=($edge_pid)
 wait_port "$EDGE_PORT"
 sleep 1
+cpu() { [ -r "/proc/$1/stat" ] && awk -v t="$(getconf CLK_TCK)" '{printf "%.2f", ($14+$15)/t}' "/proc/$1/stat" || echo 0; }
+names=(nats controlplane edge)
+cpu_pids=("${pids[0]}" "$cp_pid" "$edge_pid")
 if [ "${BENCH_CP:-on}" = off ]; then
   kill "$cp_pid"; wait "$cp_pid" 2>/dev/null || true
   echo "control plane stopped for the runs" >&2
+fi
+before=(); for p in "${cpu_pids[@]}"; do before+=("$(cpu "$p")"); done
+if [ -n "${PERF_EDGE:-}" ]; then
+  perf record -q -F 499 -g -p "$edge_pid" -o "$PERF_EDGE" >/dev/null 2>&1 & perf_pid=$!
 fi
 "$BIN/custos-loadtest" pgbench \
   --target "custos-strict=postgresql://bench:$TOKEN@127.0.0.1:$EDGE_PORT/bench-strict?sslmode=disable" \
   --target "custos-async=postgresql://bench:$TOKEN@127.0.0.1:$EDGE_PORT/bench-async?sslmode=disable" \
   "$@"
+if [ -n "${perf_pid:-}" ]; then kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true; fi
+# NATS, the control plane and the edge work only in the custos rounds (the control plane not at
+# all with BENCH_CP=off); the figure includes warm-up and latency runs.
+echo -n "CPU seconds during the runs:" >&2
+for i in "${!cpu_pids[@]}"; do
+  echo -n " ${names[$i]} $(awk -v a="$(cpu "${cpu_pids[$i]}")" -v b="${before[$i]}" 'BEGIN{printf "%.2f", a-b}')" >&2
+done
+echo >&2
 if [ "${BENCH_CP:-on}" = off ]; then
   CUSTOS_LOG=warn "$BIN/custos" controlplane --config "$work/cp.toml" 2>>"$work/cp.log" & pids+=($!)
   wait_port "$CP_PORT"

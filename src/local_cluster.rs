@@ -170,6 +170,49 @@ impl Layout {
         Ok(l)
     }
 
+    /// How many ports a layout with `edges` edges uses.
+    pub fn port_count(edges: usize) -> usize {
+        3 * 3 + 3 * 2 + edges * 3
+    }
+
+    /// Every port of the layout, with the member and use it is for.
+    pub fn ports(&self) -> Vec<(String, u16)> {
+        let mut v = Vec::new();
+        for (i, n) in self.nats.iter().enumerate() {
+            let m = Member::Nats(i).to_string();
+            v.push((format!("{m} client"), n.client));
+            v.push((format!("{m} cluster"), n.cluster));
+            v.push((format!("{m} monitor"), n.monitor));
+        }
+        for n in &self.nodes {
+            let m = Member::Node(n.id).to_string();
+            v.push((format!("{m} gRPC"), n.grpc));
+            v.push((format!("{m} metrics"), n.metrics));
+        }
+        for (i, e) in self.edges.iter().enumerate() {
+            let m = Member::Edge(i).to_string();
+            v.push((format!("{m} Postgres"), e.postgres));
+            v.push((format!("{m} HTTP"), e.http));
+            v.push((format!("{m} metrics"), e.metrics));
+        }
+        v
+    }
+
+    /// Refuse to start when a port is taken: a member that cannot listen would otherwise be
+    /// found out only when the wait for it times out.
+    fn check_ports_free(&self) -> Result<()> {
+        for (what, port) in self.ports() {
+            if let Err(e) = std::net::TcpListener::bind((self.host.as_str(), port)) {
+                bail!(
+                    "port {port} ({what}) on {} is not free ({e}); stop what holds it (another \
+                     local-cluster in this folder?), or start with another --base-port",
+                    self.host
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// The address node `id` listens on and is known by.
     pub fn node_addr(&self, id: u64) -> String {
         let port = self.node(id).grpc;
@@ -433,7 +476,18 @@ impl LocalCluster {
             })?
         } else {
             let mut l = match opts.base_port {
-                Some(b) => Layout::fixed(b, opts.edges),
+                Some(b) => {
+                    let last = b as usize + Layout::port_count(opts.edges) - 1;
+                    if b < 1024 || last > u16::MAX as usize {
+                        bail!(
+                            "--base-port {b} with {} edges needs ports {b}..={last}; choose a base \
+                             from 1024 to {}",
+                            opts.edges,
+                            u16::MAX as usize + 1 - Layout::port_count(opts.edges)
+                        );
+                    }
+                    Layout::fixed(b, opts.edges)
+                }
                 None => Layout::ephemeral(opts.edges)?,
             };
             if let Some(node) = opts.isolate {
@@ -451,9 +505,16 @@ impl LocalCluster {
                     node_ip: format!("10.213.{a}.{}", b + 2),
                 });
             }
-            std::fs::write(&layout_file, toml::to_string(&l)?)?;
             l
         };
+        // Checked before the layout is kept, so a retry with another --base-port is not held to
+        // the ports that were taken.
+        if layout.netns.is_none() {
+            layout.check_ports_free()?;
+        }
+        if !layout_file.exists() {
+            std::fs::write(&layout_file, toml::to_string(&layout)?)?;
+        }
         if let Some(ns) = &layout.netns {
             setup_netns(ns, &layout.host)?;
         }
@@ -1004,17 +1065,7 @@ mod tests {
     use super::*;
 
     fn ports(l: &Layout) -> Vec<u16> {
-        let mut v = Vec::new();
-        for n in &l.nats {
-            v.extend([n.client, n.cluster, n.monitor]);
-        }
-        for n in &l.nodes {
-            v.extend([n.grpc, n.metrics]);
-        }
-        for e in &l.edges {
-            v.extend([e.postgres, e.http, e.metrics]);
-        }
-        v
+        l.ports().into_iter().map(|(_, p)| p).collect()
     }
 
     #[test]
@@ -1029,5 +1080,61 @@ mod tests {
         let l = Layout::fixed(26000, 2);
         assert_eq!(l.node(1).grpc, 26009);
         assert_eq!((l.edges[0].postgres, l.edges[1].postgres), (26015, 26018));
+        assert_eq!(ports(&l).len(), Layout::port_count(2));
+    }
+
+    fn opts(dir: &Path, base: u16) -> Options {
+        let mut o = Options::new(dir, "/nonexistent/custos");
+        o.base_port = Some(base);
+        o
+    }
+
+    async fn start_err(o: Options) -> String {
+        match LocalCluster::start(o).await {
+            Ok(_) => panic!("started"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_taken_port_is_named_before_anything_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        // Hold a free port and start a layout that begins with it (NATS 1's client port).
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = held.local_addr().unwrap().port();
+        let err = start_err(opts(dir.path(), port)).await;
+        assert!(
+            err.contains(&format!("port {port} (nats1 client)"))
+                && err.contains("--base-port")
+                && err.contains("not free"),
+            "{err}"
+        );
+        // Nothing was started, and the refused layout was not kept for the next start.
+        assert!(!dir.path().join("nats1").exists(), "{err}");
+        assert!(!dir.path().join("layout.toml").exists(), "{err}");
+        drop(held);
+    }
+
+    #[tokio::test]
+    async fn a_base_port_out_of_range_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = start_err(opts(dir.path(), 65530)).await;
+        assert!(
+            err.contains("--base-port 65530") && err.contains("65515"),
+            "{err}"
+        );
+        let err = start_err(opts(dir.path(), 80)).await;
+        assert!(err.contains("from 1024"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_folder_holding_something_else_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("layout.toml"), "not = [a layout").unwrap();
+        let err = start_err(opts(dir.path(), 30000)).await;
+        assert!(
+            err.contains("is not a layout custos wrote") && err.contains("choose another --dir"),
+            "{err}"
+        );
     }
 }
