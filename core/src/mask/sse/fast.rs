@@ -484,3 +484,264 @@ impl SseMasker {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use serde_json::{json, Value};
+
+    use super::*;
+    use crate::mask::sse::SseMode;
+    use crate::mask::{MaskConfig, Masker};
+
+    const AWS: &str = "AKIAIOSFODNN7EXAMPL2";
+
+    fn masker() -> Masker {
+        Masker::new(&MaskConfig::default()).expect("default config")
+    }
+
+    /// Push `input` split at `cuts` (sorted) through a masker with the fast path on or off.
+    fn run(m: &Masker, fast: bool, input: &[u8], cuts: &[usize]) -> Vec<u8> {
+        let mut sm = SseMasker::new(m.audit_scope(), SseMode::LlmDeltas);
+        sm.fast = fast;
+        let mut st = Stats::default();
+        let mut out = Vec::new();
+        let mut prev = 0;
+        for &c in cuts.iter().chain(std::iter::once(&input.len())) {
+            let c = c.clamp(prev, input.len());
+            out.extend(sm.push(&input[prev..c], &mut st));
+            prev = c;
+        }
+        out.extend(sm.finish(&mut st));
+        out
+    }
+
+    /// Both paths on `input`: (fast output, general output).
+    fn both(m: &Masker, input: &str, cuts: &[usize]) -> (String, String) {
+        let f = run(m, true, input.as_bytes(), cuts);
+        let g = run(m, false, input.as_bytes(), cuts);
+        (
+            String::from_utf8(f).expect("utf-8"),
+            String::from_utf8(g).expect("utf-8"),
+        )
+    }
+
+    /// The stream with each JSON `data:` line re-serialized compactly (to compare values).
+    fn normalized(out: &str) -> String {
+        out.split('\n')
+            .map(
+                |l| match l.strip_prefix("data: ").map(serde_json::from_str::<Value>) {
+                    Some(Ok(v)) => format!("data: {v}"),
+                    _ => l.to_string(),
+                },
+            )
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn takes_fast_path(text: &str) -> bool {
+        let mut t = Tree::default();
+        t.parse(text) && chat_shape(&t, text).is_some()
+    }
+
+    fn chat(index: u64, content: &str, finish: Option<&str>) -> Value {
+        json!({
+            "id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+            "choices": [{"index": index, "delta": {"content": content}, "logprobs": null,
+                         "finish_reason": finish}]
+        })
+    }
+
+    #[test]
+    fn the_common_event_takes_the_fast_path() {
+        for v in [
+            chat(0, "tok", None),
+            chat(3, "a \"quoted\"\n\\ é \u{1}", Some("stop")),
+            json!({"choices": [{"delta": {"role": "assistant", "content": ""}}]}),
+        ] {
+            let text = v.to_string();
+            assert!(takes_fast_path(&text), "{text}");
+        }
+        // Spaces, escapes and a pretty layout are JSON too.
+        let text = "{ \"id\" : \"x\\/y\" , \"choices\" : [ { \"index\" : 0 , \"delta\" : { \"content\" : \"a\\u00e9\\n\" } , \"finish_reason\" : null } ] , \"n\" : -1.25 } ";
+        assert!(takes_fast_path(text));
+    }
+
+    #[test]
+    fn unusual_events_fall_back() {
+        let cases = [
+            // Two choices, tool calls, reasoning, no string content, legacy text.
+            r#"{"choices":[{"index":0,"delta":{"content":"a"}},{"index":1,"delta":{"content":"b"}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{"}}]}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"a","reasoning_content":"b"}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":null,"refusal":"no"}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":null}}]}"#,
+            r#"{"choices":[{"index":0,"text":"legacy"}]}"#,
+            r#"{"choices":[{"index":0,"delta":"x"}]}"#,
+            r#"{"choices":[]}"#,
+            r#"{"choices":{"index":0}}"#,
+            // An index that is not a plain unsigned integer.
+            r#"{"choices":[{"index":"1","delta":{"content":"a"}}]}"#,
+            r#"{"choices":[{"index":1.0,"delta":{"content":"a"}}]}"#,
+            r#"{"choices":[{"index":-1,"delta":{"content":"a"}}]}"#,
+            r#"{"choices":[{"index":99999999999999999999,"delta":{"content":"a"}}]}"#,
+            // What the lexer does not vouch for.
+            r#"{"created":1e3,"choices":[{"index":0,"delta":{"content":"a"}}]}"#,
+            r#"{"created":123456789012345678901,"choices":[{"index":0,"delta":{"content":"a"}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"\u0063ontent":"a"}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"a","content":"b"}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"a"}}],"choices":[]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"a"}},]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"a	b"}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"\x"}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"a"}}]} x"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"a"}}]"#,
+            r#"{"choices":[{"index":01,"delta":{"content":"a"}}]}"#,
+            // Anthropic and Responses events.
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"a"}}"#,
+            r#"{"type":"response.output_text.delta","item_id":"i","output_index":0,"content_index":0,"delta":"a"}"#,
+        ];
+        let m = masker();
+        for text in cases {
+            assert!(!takes_fast_path(text), "{text}");
+            let input = format!("data: {text}\n\ndata: [DONE]\n\n");
+            let (f, g) = both(&m, &input, &[]);
+            assert_eq!(f, g, "{text}");
+        }
+        let deep = format!(
+            "{{\"x\":{}1{},\"choices\":[{{\"delta\":{{\"content\":\"a\"}}}}]}}",
+            "[".repeat(70),
+            "]".repeat(70)
+        );
+        assert!(!takes_fast_path(&deep));
+        // A lone surrogate passes the lexer but not serde_json: masked as text, both ways.
+        let text = r#"{"choices":[{"index":0,"delta":{"content":"\ud800 AKIAIOSFODNN7EXAMPL2"}}]}"#;
+        let (f, g) = both(&m, &format!("data: {text}\n\n"), &[]);
+        assert_eq!(f, g);
+        assert!(!f.contains(AWS), "{f}");
+    }
+
+    #[test]
+    fn a_secret_in_a_shadowed_duplicate_member_does_not_pass() {
+        // serde_json keeps the last of two equal member names; the first one's string was never
+        // masked, so such an event must not be sent as it came.
+        let m = masker();
+        for text in [
+            format!(
+                r#"{{"note":"{AWS}","note":"fine","choices":[{{"index":0,"delta":{{"content":"hello world. "}}}}]}}"#
+            ),
+            format!(
+                r#"{{"choices":[{{"index":0,"delta":{{"content":"{AWS} ","content":"hello world. "}}}}]}}"#
+            ),
+            format!(
+                r#"{{"choices":[{{"index":0,"delta":{{"content":"hello world. "}},"finish_reason":null,"finish_reason":"{AWS}"}}]}}"#
+            ),
+        ] {
+            let input = format!("data: {text}\n\ndata: [DONE]\n\n");
+            let (f, g) = both(&m, &input, &[]);
+            assert!(!f.contains(AWS), "{f}");
+            assert!(!g.contains(AWS), "{g}");
+        }
+    }
+
+    #[test]
+    fn fast_output_keeps_bytes_and_masks_other_fields() {
+        let m = masker();
+        // A layout serde_json would not write: the fast path keeps it; both mean the same.
+        let ev = |c: &str| {
+            format!("data: {{ \"id\": \"x\\/1\", \"note\": \"{AWS}\", \"choices\": [ {{ \"index\": 0, \"delta\": {{ \"content\": \"{c}\" }}, \"finish_reason\": null }} ] }}\n\n")
+        };
+        let input = format!(
+            "{}{}{}data: [DONE]\n\n",
+            ev("mail bob@"),
+            ev("example.com"),
+            ev(" ok\\n")
+        );
+        for cut in 0..=input.len() {
+            let (f, g) = both(&m, &input, &[cut]);
+            assert!(!f.contains(AWS) && !f.contains("bob@"), "{f}");
+            assert!(f.contains("\"id\": \"x\\/1\""), "{f}");
+            assert_eq!(normalized(&f), normalized(&g), "cut at {cut}");
+        }
+    }
+
+    const PIECES: [&str; 16] = [
+        "hello ",
+        "world",
+        "\n",
+        "\"q\" ",
+        "é ",
+        "日本語",
+        " bob@example.com",
+        " AKIAIOSFODNN7EXAMPL2 ",
+        "sk-proj-Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4zAb3dEf6hIj9kLm2nOp5qRs8tUv1wXy4z",
+        "\\",
+        "\t",
+        " 4111 1111 1111 1111 ",
+        "password: hunter2xyz ",
+        "\u{1}",
+        "mail ",
+        ". ",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 96,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+
+        /// On serde_json's compact output the fast path writes the same bytes as the general
+        /// path (which parses and re-serializes), for any tokenization, interleaving of choices,
+        /// other fields, endings and chunking.
+        #[test]
+        fn fast_and_general_paths_agree(
+            words in prop::collection::vec(0usize..PIECES.len(), 1..30),
+            split in prop::collection::vec(1usize..9, 1..8),
+            choices in 1u64..4,
+            note in 0usize..3,
+            finish in 0usize..3,
+            done in any::<bool>(),
+            cuts in prop::collection::vec(0usize..6000, 0..6),
+        ) {
+            let m = masker();
+            let whole: String = words.iter().map(|&w| PIECES[w]).collect();
+            let mut input = String::new();
+            let (mut i, mut k) = (0, 0usize);
+            while i < whole.len() {
+                let mut j = (i + split[k % split.len()]).min(whole.len());
+                while !whole.is_char_boundary(j) {
+                    j += 1;
+                }
+                let mut v = chat(k as u64 % choices, &whole[i..j], None);
+                match (note, k % 3) {
+                    (1, 0) => v["note"] = json!(format!("key {AWS}")),
+                    (2, _) => v["choices"][0]["delta"]["role"] = json!("assistant"),
+                    _ => {}
+                }
+                input.push_str(&format!("data: {v}\n\n"));
+                i = j;
+                k += 1;
+            }
+            for c in 0..choices {
+                match finish {
+                    0 => input.push_str(&format!("data: {}\n\n", chat(c, "", Some("stop")))),
+                    1 => {
+                        let mut v = chat(c, "", Some("length"));
+                        v["choices"][0]["delta"] = json!({});
+                        input.push_str(&format!("data: {v}\n\n"));
+                    }
+                    _ => {}
+                }
+            }
+            if done {
+                input.push_str("data: [DONE]\n\n");
+            }
+            let mut cuts = cuts;
+            cuts.sort_unstable();
+            let (f, g) = both(&m, &input, &cuts);
+            prop_assert!(!f.contains(AWS), "{}", f);
+            prop_assert_eq!(f, g);
+        }
+    }
+}
