@@ -729,7 +729,7 @@ impl SseMasker {
             }
         }
         while i < b.len() {
-            match b[i..].iter().position(|&c| c == b'\n' || c == b'\r') {
+            match memchr::memchr2(b'\n', b'\r', &b[i..]) {
                 None => {
                     self.piece(&b[i..], out, stats);
                     return;
@@ -1082,12 +1082,20 @@ impl SseMasker {
                 let prefix = &ev[dl.start..vs];
                 let term = &ev[dl.end..dl.next];
                 let term: &[u8] = if term.is_empty() { b"\n" } else { term };
-                for (k, part) in payload.split(|&c| c == b'\n').enumerate() {
-                    if k > 0 {
-                        out.extend_from_slice(term);
-                    }
+                let mut rest = payload;
+                loop {
                     out.extend_from_slice(prefix);
-                    out.extend_from_slice(part);
+                    match memchr::memchr(b'\n', rest) {
+                        Some(p) => {
+                            out.extend_from_slice(&rest[..p]);
+                            out.extend_from_slice(term);
+                            rest = &rest[p + 1..];
+                        }
+                        None => {
+                            out.extend_from_slice(rest);
+                            break;
+                        }
+                    }
                 }
                 out.extend_from_slice(&ev[dl.end..dl.next]);
             } else if data.iter().any(|(d, _)| d.start == l.start) {

@@ -242,6 +242,15 @@ impl Parser<'_> {
         let mut i = self.i + 1;
         let mut esc = false;
         loop {
+            // Skip to the next quote or backslash; no control character may be in between.
+            let run = memchr::memchr2(b'"', b'\\', self.b.get(i..)?)?;
+            if self.b[i..i + run]
+                .iter()
+                .fold(false, |a, &c| a | (c < 0x20))
+            {
+                return None;
+            }
+            i += run;
             match *self.b.get(i)? {
                 b'"' => {
                     self.i = i + 1;
