@@ -28,8 +28,13 @@
 //! event's delta if it has one, or into a synthesized delta event just before it (built from the
 //! key's last delta event). Other string fields of a delta event are masked as
 //! [`super::JsonMasker`] masks values; a changed event is re-serialized with `serde_json`, an
-//! unchanged one keeps its bytes. JSON events without deltas go through a `JsonMasker` (bytes
-//! kept unless something matched); non-JSON `data:` is masked as text (the `Text` behaviour).
+//! unchanged one keeps its bytes. The common chat-completions event (one choice, a plain
+//! `delta.content`) takes a byte-level path instead ([`fast`]): the same masking, with the
+//! released text and masked values spliced into the original bytes. An event whose bytes a
+//! strict lexer cannot vouch for (duplicate or escaped member names, exponents, deep nesting) is
+//! always re-serialized, so a string `serde_json` drops (a shadowed duplicate member) is never
+//! sent unmasked. JSON events without deltas go through a `JsonMasker` (bytes kept unless
+//! something matched); non-JSON `data:` is masked as text (the `Text` behaviour).
 //! At most 256 delta streams are open at once (the oldest is ended beyond that).
 
 use std::collections::VecDeque;
