@@ -660,6 +660,10 @@ pub(crate) struct Engine {
     sets: Vec<LitSet>,
     /// Proper prefixes of every literal (for the stream's "a literal may be starting here").
     partials: std::collections::HashSet<Vec<u8>>,
+    /// For each length `k`, the first and the last bytes of the proper prefixes of length `k`
+    /// (bitsets): a cheap necessary test before the `partials` look-up, which a stream runs for
+    /// every length at every push.
+    partial_ends: Vec<([u64; 4], [u64; 4])>,
     max_lit: usize,
     spec_re: Vec<Regex>,
     digits_on: bool,
@@ -795,6 +799,7 @@ impl Engine {
 
         let (tokens, labels, short) = all_literals(enabled_list);
         let mut partials = std::collections::HashSet::new();
+        let mut partial_ends: Vec<([u64; 4], [u64; 4])> = Vec::new();
         let mut max_lit = 0;
         let mut sets = Vec::new();
         for group in [tokens, labels, short] {
@@ -802,7 +807,14 @@ impl Engine {
             for p in &pats {
                 max_lit = max_lit.max(p.len());
                 for k in 1..p.len() {
-                    partials.insert(p.as_bytes()[..k].to_vec());
+                    let pre = &p.as_bytes()[..k];
+                    if partial_ends.len() <= k {
+                        partial_ends.resize(k + 1, ([0; 4], [0; 4]));
+                    }
+                    let (first, last) = &mut partial_ends[k];
+                    set_bit(first, pre[0]);
+                    set_bit(last, pre[k - 1]);
+                    partials.insert(pre.to_vec());
                 }
             }
             let lits = group
@@ -858,6 +870,7 @@ impl Engine {
             enabled,
             sets,
             partials,
+            partial_ends,
             max_lit,
             spec_re,
             digits_on,
@@ -958,7 +971,11 @@ impl Engine {
             // A literal may be starting in the last bytes.
             let kmax = (self.max_lit.saturating_sub(1)).min(n - from);
             for k in (1..=kmax).rev() {
-                if self.partials.contains(&text[n - k..]) {
+                let tail = &text[n - k..];
+                let may = self.partial_ends.get(k).is_some_and(|(first, last)| {
+                    has_bit(first, tail[0]) && has_bit(last, tail[k - 1])
+                });
+                if may && self.partials.contains(tail) {
                     und.push((n, n - k));
                     break;
                 }
@@ -2394,4 +2411,31 @@ fn jwt_ok(tok: &[u8], truncated: bool) -> bool {
 pub(crate) fn word_flags_for_test(x: u64) -> [u64; 4] {
     let f = word_flags(x);
     [f.digit, f.at, f.lower, f.numsep]
+}
+
+fn set_bit(bits: &mut [u64; 4], b: u8) {
+    bits[usize::from(b >> 6)] |= 1 << (b & 63);
+}
+
+fn has_bit(bits: &[u64; 4], b: u8) -> bool {
+    bits[usize::from(b >> 6)] & (1 << (b & 63)) != 0
+}
+
+#[cfg(test)]
+mod partial_ends_tests {
+    use super::has_bit;
+    use crate::mask::{MaskConfig, Masker};
+
+    /// The bitsets are a necessary test: every proper prefix of a literal passes it.
+    #[test]
+    fn every_partial_passes_the_bitset_test() {
+        let m = Masker::new(&MaskConfig::default()).expect("default config");
+        let e = m.inner.engine();
+        assert!(!e.partials.is_empty());
+        for p in &e.partials {
+            let k = p.len();
+            let (first, last) = e.partial_ends[k];
+            assert!(has_bit(&first, p[0]) && has_bit(&last, p[k - 1]), "{p:?}");
+        }
+    }
 }

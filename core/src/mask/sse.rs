@@ -28,8 +28,13 @@
 //! event's delta if it has one, or into a synthesized delta event just before it (built from the
 //! key's last delta event). Other string fields of a delta event are masked as
 //! [`super::JsonMasker`] masks values; a changed event is re-serialized with `serde_json`, an
-//! unchanged one keeps its bytes. JSON events without deltas go through a `JsonMasker` (bytes
-//! kept unless something matched); non-JSON `data:` is masked as text (the `Text` behaviour).
+//! unchanged one keeps its bytes. The common chat-completions event (one choice, a plain
+//! `delta.content`) takes a byte-level path instead ([`fast`]): the same masking, with the
+//! released text and masked values spliced into the original bytes. An event whose bytes a
+//! strict lexer cannot vouch for (duplicate or escaped member names, exponents, deep nesting) is
+//! always re-serialized, so a string `serde_json` drops (a shadowed duplicate member) is never
+//! sent unmasked. JSON events without deltas go through a `JsonMasker` (bytes kept unless
+//! something matched); non-JSON `data:` is masked as text (the `Text` behaviour).
 //! At most 256 delta streams are open at once (the oldest is ended beyond that).
 
 use std::collections::VecDeque;
@@ -39,6 +44,8 @@ use serde_json::Value;
 
 use super::json_stream::{label_key, lossy_prefix, mask_string, JsonMasker};
 use super::{Inner, Scope, Stats, StreamMasker};
+
+mod fast;
 
 /// An LLM event larger than this is masked as text instead of being held whole.
 const EVENT_CAP: usize = 1 << 20;
@@ -513,6 +520,28 @@ fn synthesize(key: &str, t: &Template, text: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// Mask the string value `s` under the member name `key` (see [`mask_strings`] for `clean`).
+fn mask_cached(
+    inner: &Inner,
+    key: Option<&str>,
+    s: &str,
+    clean: &mut VecDeque<String>,
+    stats: &mut Stats,
+) -> Option<String> {
+    let cacheable = key.is_none_or(|k| !label_key(k));
+    if cacheable && clean.iter().any(|c| c == s) {
+        return None;
+    }
+    let m = mask_string(inner, key, s, stats);
+    if m.is_none() && cacheable && s.len() >= 8 {
+        if clean.len() >= CLEAN_CACHE {
+            clean.pop_front();
+        }
+        clean.push_back(s.to_string());
+    }
+    m
+}
+
 /// Mask every string of `v` (keys give label context). True when something changed.
 ///
 /// `clean` remembers the last few strings in which nothing matched (ids, model names, the
@@ -526,27 +555,13 @@ fn mask_strings(
     stats: &mut Stats,
 ) -> bool {
     match v {
-        Value::String(s) => {
-            let cacheable = key.is_none_or(|k| !label_key(k));
-            if cacheable && clean.iter().any(|c| c == s) {
-                return false;
+        Value::String(s) => match mask_cached(inner, key, s, clean, stats) {
+            Some(m) => {
+                *s = m;
+                true
             }
-            match mask_string(inner, key, s, stats) {
-                Some(m) => {
-                    *s = m;
-                    true
-                }
-                None => {
-                    if cacheable && s.len() >= 8 {
-                        if clean.len() >= CLEAN_CACHE {
-                            clean.pop_front();
-                        }
-                        clean.push_back(s.clone());
-                    }
-                    false
-                }
-            }
-        }
+            None => false,
+        },
         Value::Array(a) => {
             let mut changed = false;
             for x in a {
@@ -588,6 +603,10 @@ pub struct SseMasker {
     te: TextEvents,
     streams: Vec<DeltaStream>,
     clean: VecDeque<String>,
+    /// LlmDeltas: the parsed JSON of the current event (see [`fast`]).
+    tree: fast::Tree,
+    /// Use the byte-level path of [`fast`] (tests turn it off to compare with the general path).
+    fast: bool,
 }
 
 impl std::fmt::Debug for SseMasker {
@@ -619,6 +638,8 @@ impl SseMasker {
             overflow: false,
             streams: Vec::new(),
             clean: VecDeque::new(),
+            tree: fast::Tree::default(),
+            fast: true,
         }
     }
 
@@ -713,7 +734,7 @@ impl SseMasker {
             }
         }
         while i < b.len() {
-            match b[i..].iter().position(|&c| c == b'\n' || c == b'\r') {
+            match memchr::memchr2(b'\n', b'\r', &b[i..]) {
                 None => {
                     self.piece(&b[i..], out, stats);
                     return;
@@ -835,19 +856,45 @@ impl SseMasker {
             raw(out);
             return;
         }
-        let mut payload = Vec::new();
-        for (k, (l, vs)) in data.iter().enumerate() {
-            if k > 0 {
-                payload.push(b'\n');
+        let joined;
+        let payload: &[u8] = match data.as_slice() {
+            [(l, vs)] => &ev[*vs..l.end],
+            _ => {
+                let mut p = Vec::new();
+                for (k, (l, vs)) in data.iter().enumerate() {
+                    if k > 0 {
+                        p.push(b'\n');
+                    }
+                    p.extend_from_slice(&ev[*vs..l.end]);
+                }
+                joined = p;
+                &joined
             }
-            payload.extend_from_slice(&ev[*vs..l.end]);
-        }
-        let Ok(text) = std::str::from_utf8(&payload) else {
+        };
+        let Ok(text) = std::str::from_utf8(payload) else {
             return self.as_text(ev, lines, blank, out, stats);
         };
         if text.trim() == "[DONE]" {
             self.end_streams(&[End::All], &[], out, stats);
             raw(out);
+            return;
+        }
+        // The byte-level path for the common chat-completions event; `verified`: the payload
+        // has no duplicate or escaped member names (see `fast`), so its bytes say what `v` says.
+        let verified = self.tree.parse(text);
+        if verified
+            && self.fast
+            && self.chat_fast(
+                ev,
+                lines,
+                &data,
+                event_line.as_deref(),
+                text,
+                blank,
+                out,
+                stats,
+            )
+        {
             return;
         }
         let Ok(mut v) = serde_json::from_str::<Value>(text) else {
@@ -880,7 +927,10 @@ impl SseMasker {
                 .unwrap_or_default();
             texts.push(t);
         }
-        let mut changed = mask_strings(&self.inner, &mut v, None, &mut self.clean, stats);
+        let masked = mask_strings(&self.inner, &mut v, None, &mut self.clean, stats);
+        // Unverified bytes (a duplicate member, say) may hold a string `v` does not: never send
+        // them as they are.
+        let mut changed = masked || !verified;
         let keys: Vec<&str> = found.iter().map(|(k, _)| k.as_str()).collect();
         self.end_streams(&ends, &keys, out, stats);
         let first = data[0].0;
@@ -888,28 +938,8 @@ impl SseMasker {
         let term = ev[first.end..first.next].to_vec();
         let mut open = Vec::new();
         for ((key, ptr), text) in found.iter().zip(texts) {
-            let pos = match self.streams.iter().position(|s| &s.key == key) {
-                Some(p) => p,
-                None => {
-                    if self.streams.len() >= MAX_STREAMS {
-                        // Bounded state: end the oldest stream (its held text goes out now).
-                        let oldest = self.streams[0].key.clone();
-                        self.end_streams(&[End::Exact(oldest)], &[], out, stats);
-                    }
-                    self.streams.push(DeltaStream {
-                        key: key.clone(),
-                        sm: StreamMasker::new(self.inner.clone(), false),
-                        tmpl: None,
-                    });
-                    self.streams.len() - 1
-                }
-            };
-            let s = &mut self.streams[pos];
-            let mut rel = s.sm.push(&text, stats);
-            if ends.iter().any(|e| e.covers(key)) {
-                rel.push_str(&s.sm.finish(stats));
-                self.streams.remove(pos);
-            } else {
+            let (rel, is_open) = self.feed_delta(key, &text, &ends, out, stats);
+            if is_open {
                 open.push(key.clone());
             }
             changed |= rel != text;
@@ -927,20 +957,85 @@ impl SseMasker {
             text.to_string()
         };
         for key in open {
-            if let Some(s) = self.streams.iter_mut().find(|s| s.key == key) {
-                s.tmpl = Some(Template {
-                    event: json.clone(),
-                    event_line: event_line.clone(),
-                    prefix: prefix.clone(),
-                    term: term.clone(),
-                });
-            }
+            self.set_template(&key, &json, event_line.as_deref(), &prefix, &term);
         }
         if changed {
             self.reframe(ev, lines, &data, json.as_bytes(), blank, out);
         } else {
             raw(out);
         }
+    }
+
+    /// Push `text` into the stream of `key` (opened if new; the oldest is ended beyond
+    /// [`MAX_STREAMS`]) and end it if `ends` covers it: (the released text, the stream is open).
+    fn feed_delta(
+        &mut self,
+        key: &str,
+        text: &str,
+        ends: &[End],
+        out: &mut Vec<u8>,
+        stats: &mut Stats,
+    ) -> (String, bool) {
+        let pos = match self.streams.iter().position(|s| s.key == key) {
+            Some(p) => p,
+            None => {
+                if self.streams.len() >= MAX_STREAMS {
+                    // Bounded state: end the oldest stream (its held text goes out now).
+                    let oldest = self.streams[0].key.clone();
+                    self.end_streams(&[End::Exact(oldest)], &[], out, stats);
+                }
+                self.streams.push(DeltaStream {
+                    key: key.to_string(),
+                    sm: StreamMasker::new(self.inner.clone(), false),
+                    tmpl: None,
+                });
+                self.streams.len() - 1
+            }
+        };
+        let s = &mut self.streams[pos];
+        let mut rel = s.sm.push(text, stats);
+        if ends.iter().any(|e| e.covers(key)) {
+            rel.push_str(&s.sm.finish(stats));
+            self.streams.remove(pos);
+            (rel, false)
+        } else {
+            (rel, true)
+        }
+    }
+
+    /// Remember the event just sent for `key` as the shape of a synthesized one (the old
+    /// template's buffers are reused).
+    fn set_template(
+        &mut self,
+        key: &str,
+        json: &str,
+        event_line: Option<&[u8]>,
+        prefix: &[u8],
+        term: &[u8],
+    ) {
+        let Some(s) = self.streams.iter_mut().find(|s| s.key == key) else {
+            return;
+        };
+        let t = s.tmpl.get_or_insert_with(|| Template {
+            event: String::new(),
+            event_line: None,
+            prefix: Vec::new(),
+            term: Vec::new(),
+        });
+        t.event.clear();
+        t.event.push_str(json);
+        match (event_line, &mut t.event_line) {
+            (None, l) => *l = None,
+            (Some(new), Some(l)) => {
+                l.clear();
+                l.extend_from_slice(new);
+            }
+            (Some(new), l) => *l = Some(new.to_vec()),
+        }
+        t.prefix.clear();
+        t.prefix.extend_from_slice(prefix);
+        t.term.clear();
+        t.term.extend_from_slice(term);
     }
 
     /// Finish the streams that `ends` covers, except `skip` (their delta is in this event);
@@ -992,12 +1087,20 @@ impl SseMasker {
                 let prefix = &ev[dl.start..vs];
                 let term = &ev[dl.end..dl.next];
                 let term: &[u8] = if term.is_empty() { b"\n" } else { term };
-                for (k, part) in payload.split(|&c| c == b'\n').enumerate() {
-                    if k > 0 {
-                        out.extend_from_slice(term);
-                    }
+                let mut rest = payload;
+                loop {
                     out.extend_from_slice(prefix);
-                    out.extend_from_slice(part);
+                    match memchr::memchr(b'\n', rest) {
+                        Some(p) => {
+                            out.extend_from_slice(&rest[..p]);
+                            out.extend_from_slice(term);
+                            rest = &rest[p + 1..];
+                        }
+                        None => {
+                            out.extend_from_slice(rest);
+                            break;
+                        }
+                    }
                 }
                 out.extend_from_slice(&ev[dl.end..dl.next]);
             } else if data.iter().any(|(d, _)| d.start == l.start) {
