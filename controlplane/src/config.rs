@@ -315,5 +315,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("unknown field"), "{err}");
+        // openraft's own 200 ms per snapshot chunk is what stalled followers; refuse going back.
+        let err = ControlPlaneConfig::parse("[cluster]\nsnapshot_chunk_timeout_ms = 200\n", "x")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cluster.snapshot_chunk_timeout_ms") && err.contains("at least 1000"),
+            "{err}"
+        );
+        let ok = ControlPlaneConfig::parse("[cluster]\nsnapshot_chunk_timeout_ms = 5000\n", "x")
+            .unwrap();
+        assert_eq!(ok.cluster.snapshot_chunk_timeout_ms, 5000);
     }
 }
