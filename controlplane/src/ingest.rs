@@ -182,10 +182,12 @@ async fn fill<S: EventSource + ?Sized>(
                         break;
                     }
                     bytes += stored.data.len();
-                    found.push(IngestItem {
-                        data: stored.data.to_vec(),
-                        bus_seq: seq,
-                    });
+                    for (_, data) in custos_core::bus::unbatch(&stored.subject, &stored.data) {
+                        found.push(IngestItem {
+                            data: data.to_vec(),
+                            bus_seq: seq,
+                        });
+                    }
                 }
                 None => {
                     if !found.is_empty() {

@@ -228,6 +228,138 @@ async fn publishes_500_and_reads_them_all_back_once() {
     assert_eq!(info.delivered.stream_sequence, 500);
 }
 
+/// Publish `n` events at once; returns them with their acks.
+async fn publish_concurrently(bus: &NatsBus, n: usize) -> Vec<(Event, u64)> {
+    let events: Vec<Event> = (0..n).map(event).collect();
+    let acks = bounded(
+        "concurrent publishes",
+        futures::future::join_all(events.iter().map(|e| bus.publish(e))),
+    )
+    .await;
+    events
+        .into_iter()
+        .zip(acks)
+        .map(|(e, ack)| {
+            let ack = ack.expect("publish");
+            assert!(!ack.duplicate);
+            (e, ack.stream_seq)
+        })
+        .collect()
+}
+
+async fn stream_messages(bus: &NatsBus) -> u64 {
+    let mut stream = bus.jetstream().get_stream("CUSTOS_EVENTS").await.unwrap();
+    stream.info().await.unwrap().state.messages
+}
+
+#[tokio::test]
+async fn concurrent_publishes_share_bus_messages_and_are_handed_over_one_by_one() {
+    let server = Server::start();
+    let bus = bounded("connect", NatsBus::connect(server.config()))
+        .await
+        .unwrap();
+    let mut source = bus.source("ingest", Duration::from_secs(1)).await.unwrap();
+
+    let sent = publish_concurrently(&bus, 400).await;
+    let messages = stream_messages(&bus).await;
+    assert!(
+        messages <= 200,
+        "400 events published at once took {messages} bus messages; they should be batched"
+    );
+    // Events of one batch share its stream sequence, and no batch exceeds the maximum.
+    let mut per_seq = std::collections::BTreeMap::<u64, usize>::new();
+    for (_, seq) in &sent {
+        *per_seq.entry(*seq).or_default() += 1;
+    }
+    assert_eq!(per_seq.len() as u64, messages);
+    assert!(per_seq.values().all(|n| *n <= 64), "{per_seq:?}");
+
+    // The consumer sees each event on its own, with its own subject and the batch's sequence.
+    let got = fetch_n(&mut source, 400).await;
+    assert_eq!(got.len(), 400);
+    let seq_of: std::collections::HashMap<String, u64> =
+        sent.iter().map(|(e, s)| (e.id.clone(), *s)).collect();
+    let mut received = BTreeSet::new();
+    for d in &got {
+        let e = decode(d);
+        assert_eq!(d.subject, "custos.events.command_received.prod-pg");
+        assert_eq!(Some(&d.seq), seq_of.get(&e.id), "event {}", e.id);
+        assert!(received.insert(e.id), "delivered twice");
+    }
+    assert_eq!(received.len(), 400);
+    ack_all(got).await;
+    let again = bounded("fetch", source.fetch(100, Duration::from_secs(2)))
+        .await
+        .unwrap();
+    assert!(again.is_empty(), "{} redelivered after ack", again.len());
+    let info = bounded("consumer info", source.consumer().info())
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(info.num_ack_pending, 0);
+}
+
+#[tokio::test]
+async fn a_batch_comes_back_whole_unless_its_last_event_is_acked() {
+    let server = Server::start();
+    let bus = bounded("connect", NatsBus::connect(server.config()))
+        .await
+        .unwrap();
+    let mut source = bus.source("ingest", Duration::from_secs(1)).await.unwrap();
+    publish_concurrently(&bus, 50).await;
+    let got = fetch_n(&mut source, 50).await;
+
+    // The largest batch: ack all of its events but the last; ack every other event.
+    let mut per_seq = std::collections::BTreeMap::<u64, usize>::new();
+    for d in &got {
+        *per_seq.entry(d.seq).or_default() += 1;
+    }
+    let (&batch_seq, &size) = per_seq.iter().max_by_key(|(_, n)| **n).unwrap();
+    assert!(
+        size > 1,
+        "no batch among 50 concurrent publishes: {per_seq:?}"
+    );
+    let expected: BTreeSet<String> = got
+        .iter()
+        .filter(|d| d.seq == batch_seq)
+        .map(|d| decode(d).id)
+        .collect();
+    let mut seen = 0;
+    for d in got {
+        if d.seq == batch_seq {
+            seen += 1;
+            if seen == size {
+                drop(d); // the last: neither ack nor nack
+                continue;
+            }
+        }
+        bounded("ack", d.ack()).await.unwrap();
+    }
+
+    // After the ack wait, the whole batch is back, and nothing else.
+    let back = fetch_n(&mut source, size).await;
+    let ids: BTreeSet<String> = back.iter().map(|d| decode(d).id).collect();
+    assert_eq!(ids, expected);
+    assert_eq!(back.len(), size);
+    ack_all(back).await;
+    let none = source.fetch(100, Duration::from_secs(2)).await.unwrap();
+    assert!(none.is_empty(), "{} redelivered after ack", none.len());
+}
+
+#[tokio::test]
+async fn publish_batch_max_1_sends_every_event_alone() {
+    let server = Server::start();
+    let cfg = NatsConfig {
+        publish_batch_max: 1,
+        ..server.config()
+    };
+    let bus = bounded("connect", NatsBus::connect(cfg)).await.unwrap();
+    let sent = publish_concurrently(&bus, 100).await;
+    assert_eq!(stream_messages(&bus).await, 100);
+    let seqs: BTreeSet<u64> = sent.iter().map(|(_, s)| *s).collect();
+    assert_eq!(seqs.len(), 100);
+}
+
 #[tokio::test]
 async fn fetch_returns_as_soon_as_something_is_there() {
     let server = Server::start();

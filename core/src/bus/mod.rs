@@ -27,6 +27,29 @@ pub use nats::{NatsBus, NatsConfig, NatsSource};
 /// Prefix of every event subject; the JetStream stream captures `custos.events.>`.
 pub const EVENTS_SUBJECT_PREFIX: &str = "custos.events";
 
+/// Subject of a bus message carrying several events (`custos.v1.EventBatch`).
+pub const BATCH_SUBJECT: &str = "custos.events.batch";
+
+/// The events a bus message carries, each with the subject it has on its own: the message itself
+/// when it is a single event, or the events of an [`EventBatch`](custos_proto::v1::EventBatch)
+/// when it was published on [`BATCH_SUBJECT`]. A batch that does not decode, or is empty, is
+/// returned as the single raw message, so the consumer parks it as malformed instead of losing it.
+pub fn unbatch(subject: &str, data: &bytes::Bytes) -> Vec<(String, bytes::Bytes)> {
+    use prost::Message as _;
+    if subject == BATCH_SUBJECT {
+        if let Ok(batch) = custos_proto::v1::EventBatch::decode(data.as_ref()) {
+            if !batch.events.is_empty() {
+                return batch
+                    .events
+                    .into_iter()
+                    .map(|e| (e.subject, bytes::Bytes::from(e.event)))
+                    .collect();
+            }
+        }
+    }
+    vec![(subject.to_string(), data.clone())]
+}
+
 /// Why the bus could not take or hand over an event.
 ///
 /// `Unavailable` and `Timeout` are transient (retry with back-off); `Rejected` and `Invalid` need a
@@ -217,6 +240,11 @@ pub struct Delivery {
 enum Acker {
     InProc(inproc::Acker),
     Nats(Box<nats::Acker>),
+    /// An event of a batch other than its last: the batch's message is acknowledged with its last
+    /// event. Consumers commit in delivery order, so when the last event is acked the earlier ones
+    /// are committed; if any is not, the last is nacked or never acked and the whole batch comes
+    /// back (the events already committed are then dropped as duplicates).
+    InBatch,
 }
 
 impl std::fmt::Debug for Delivery {
@@ -236,6 +264,7 @@ impl Delivery {
         match self.acker {
             Acker::InProc(a) => a.ack(),
             Acker::Nats(a) => a.ack().await,
+            Acker::InBatch => Ok(()),
         }
     }
 
@@ -245,6 +274,7 @@ impl Delivery {
         match self.acker {
             Acker::InProc(a) => a.nack(reason),
             Acker::Nats(a) => a.nack(reason).await,
+            Acker::InBatch => Ok(()),
         }
     }
 }
@@ -290,6 +320,54 @@ mod tests {
             assert!(
                 !s.contains('>') && !s.contains('*') && !s.contains(' '),
                 "{s}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_batch_is_unpacked_and_anything_else_is_handed_over_as_it_is() {
+        use custos_proto::v1::{BatchedEvent, EventBatch};
+        use prost::Message as _;
+        let batch = EventBatch {
+            events: vec![
+                BatchedEvent {
+                    subject: "custos.events.command_received.a".into(),
+                    event: b"one".to_vec(),
+                },
+                BatchedEvent {
+                    subject: "custos.events.session_ended.b".into(),
+                    event: b"two".to_vec(),
+                },
+            ],
+        };
+        let data = bytes::Bytes::from(batch.encode_to_vec());
+        assert_eq!(
+            unbatch(BATCH_SUBJECT, &data),
+            vec![
+                (
+                    "custos.events.command_received.a".to_string(),
+                    bytes::Bytes::from_static(b"one")
+                ),
+                (
+                    "custos.events.session_ended.b".to_string(),
+                    bytes::Bytes::from_static(b"two")
+                ),
+            ]
+        );
+        // The same bytes on an event subject are one event, not a batch.
+        let single = "custos.events.command_received.a";
+        assert_eq!(
+            unbatch(single, &data),
+            vec![(single.to_string(), data.clone())]
+        );
+        // A batch that does not decode, or holds nothing, is kept whole (to be parked).
+        for raw in [
+            bytes::Bytes::from_static(b"\xff\xff\xff not protobuf"),
+            bytes::Bytes::new(),
+        ] {
+            assert_eq!(
+                unbatch(BATCH_SUBJECT, &raw),
+                vec![(BATCH_SUBJECT.to_string(), raw.clone())]
             );
         }
     }

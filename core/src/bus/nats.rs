@@ -21,14 +21,15 @@ use async_nats::jetstream::stream::{self, ConsumerError, ConsumerErrorKind, RawM
 use async_nats::jetstream::{self, AckKind};
 use async_nats::{ConnectErrorKind, ServerAddr};
 use bytes::Bytes;
+use custos_proto::v1::{BatchedEvent, EventBatch};
 use custos_proto::Event;
 use futures::future::BoxFuture;
 use futures::StreamExt;
 use prost::Message;
 
 use super::{
-    check_event, subject_for, BusError, Delivery, EventBus, EventSource, PublishAck, Stored,
-    EVENTS_SUBJECT_PREFIX,
+    check_event, subject_for, unbatch, BusError, Delivery, EventBus, EventSource, PublishAck,
+    Stored, BATCH_SUBJECT, EVENTS_SUBJECT_PREFIX,
 };
 
 /// How long a nacked event waits before it is redelivered.
@@ -55,6 +56,11 @@ pub struct NatsConfig {
     pub connect_timeout_ms: u64,
     /// How long the stream keeps events, in days; 0 keeps them until removed by hand.
     pub max_age_days: u64,
+    /// Most events a publisher sends as one bus message. Events that arrive while earlier
+    /// publishes wait for their ack go out together, which divides the broker's and the control
+    /// plane's per-message cost; an idle publisher still sends each event at once, alone.
+    /// 1 sends every event alone.
+    pub publish_batch_max: usize,
 }
 
 impl Default for NatsConfig {
@@ -67,6 +73,7 @@ impl Default for NatsConfig {
             publish_timeout_ms: 5000,
             connect_timeout_ms: 3000,
             max_age_days: 7,
+            publish_batch_max: 64,
         }
     }
 }
@@ -82,6 +89,7 @@ impl std::fmt::Debug for NatsConfig {
             .field("publish_timeout_ms", &self.publish_timeout_ms)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("max_age_days", &self.max_age_days)
+            .field("publish_batch_max", &self.publish_batch_max)
             .finish()
     }
 }
@@ -158,6 +166,8 @@ pub struct NatsBus {
     client: async_nats::Client,
     js: jetstream::Context,
     cfg: Arc<NatsConfig>,
+    /// The batching task's queue (`publish_batch_max` > 1).
+    batcher: Option<tokio::sync::mpsc::Sender<Queued>>,
 }
 
 impl std::fmt::Debug for NatsBus {
@@ -179,6 +189,12 @@ impl NatsBus {
             return Err(BusError::Invalid(
                 "[bus] publish_timeout_ms and connect_timeout_ms must be greater than 0".into(),
             ));
+        }
+        if !(1..=10_000).contains(&cfg.publish_batch_max) {
+            return Err(BusError::Invalid(format!(
+                "[bus] publish_batch_max is {}; it must be between 1 (no batching) and 10000",
+                cfg.publish_batch_max
+            )));
         }
         let addrs = cfg
             .url
@@ -244,12 +260,19 @@ impl NatsBus {
             .timeout(cfg.publish_timeout())
             .backpressure_on_inflight(true)
             .build(client.clone());
-        let bus = NatsBus {
+        let max = cfg.publish_batch_max;
+        let mut bus = NatsBus {
             client,
             js,
             cfg: Arc::new(cfg),
+            batcher: None,
         };
         bus.ensure_stream().await?;
+        if max > 1 {
+            let (tx, rx) = tokio::sync::mpsc::channel(max.saturating_mul(4));
+            tokio::spawn(run_batcher(bus.clone(), rx, max));
+            bus.batcher = Some(tx);
+        }
         Ok(bus)
     }
 
@@ -443,31 +466,24 @@ impl NatsBus {
     }
 
     /// No ack in time: a lost connection is `Unavailable`, otherwise `Timeout`.
-    fn no_ack(&self, event: &Event, subject: &str, after: Duration) -> BusError {
+    fn no_ack(&self, id: &str, subject: &str, after: Duration) -> BusError {
         if self.client.connection_state() != State::Connected {
             self.unavailable(format!(
                 "connection lost; event {} on {subject} was not acknowledged within {after:?} \
                  (the client keeps reconnecting)",
-                event.id
+                id
             ))
         } else {
             BusError::Timeout {
-                what: format!("JetStream ack for event {} on {subject}", event.id),
+                what: format!("JetStream ack for event {id} on {subject}"),
                 after,
             }
         }
     }
 
-    fn publish_error(
-        &self,
-        e: PublishError,
-        event: &Event,
-        subject: &str,
-        after: Duration,
-    ) -> BusError {
-        let id = &event.id;
+    fn publish_error(&self, e: PublishError, id: &str, subject: &str, after: Duration) -> BusError {
         match e.kind() {
-            PublishErrorKind::TimedOut => self.no_ack(event, subject, after),
+            PublishErrorKind::TimedOut => self.no_ack(id, subject, after),
             PublishErrorKind::StreamNotFound => self.unavailable(format!(
                 "no JetStream stream takes {subject} (no responders): JetStream is off or stream \
                  {} was removed; restart the control plane to recreate it",
@@ -517,32 +533,162 @@ impl NatsBus {
     }
 }
 
+impl NatsBus {
+    /// Publish one message and wait for its JetStream ack, bounded by `publish_timeout_ms`.
+    /// `id` names the event(s) in errors.
+    async fn publish_raw(
+        &self,
+        subject: String,
+        payload: Bytes,
+        msg_id: &str,
+        id: &str,
+    ) -> Result<PublishAck, BusError> {
+        let after = self.cfg.publish_timeout();
+        let attempt = async {
+            let ack = self
+                .js
+                .send_publish(
+                    subject.clone(),
+                    PublishMessage::build().payload(payload).message_id(msg_id),
+                )
+                .await?;
+            ack.await
+        };
+        match tokio::time::timeout(after, attempt).await {
+            Err(_elapsed) => Err(self.no_ack(id, &subject, after)),
+            Ok(Err(e)) => Err(self.publish_error(e, id, &subject, after)),
+            Ok(Ok(ack)) => Ok(PublishAck {
+                stream_seq: ack.sequence,
+                duplicate: ack.duplicate,
+            }),
+        }
+    }
+
+    /// Publish what the batcher collected: one event as itself, several as one [`EventBatch`],
+    /// and tell every waiting publisher the outcome.
+    async fn publish_collected(&self, batch: Vec<Queued>) {
+        if let [one] = batch.as_slice() {
+            let r = self
+                .publish_raw(one.subject.clone(), one.data.clone(), &one.id, &one.id)
+                .await;
+            for q in batch {
+                let _ = q.done.send(r.clone());
+            }
+            return;
+        }
+        let id = format!("{} (+{} batched)", batch[0].id, batch.len() - 1);
+        let msg_id = format!("batch:{}+{}", batch[0].id, batch.len());
+        let payload = EventBatch {
+            events: batch
+                .iter()
+                .map(|q| BatchedEvent {
+                    subject: q.subject.clone(),
+                    event: q.data.to_vec(),
+                })
+                .collect(),
+        }
+        .encode_to_vec();
+        let r = self
+            .publish_raw(BATCH_SUBJECT.to_string(), payload.into(), &msg_id, &id)
+            .await;
+        for q in batch {
+            let _ = q.done.send(r.clone());
+        }
+    }
+}
+
+/// Most bytes of events in one batch; an event this large or larger is published alone. Well
+/// under nats-server's default `max_payload` of 1 MiB.
+const BATCH_MAX_BYTES: usize = 256 * 1024;
+/// Batches a publisher has waiting for their JetStream ack at once; events arriving meanwhile
+/// gather into the next batch.
+const BATCHES_IN_FLIGHT: usize = 2;
+
+/// An event waiting in the batcher.
+struct Queued {
+    id: String,
+    subject: String,
+    data: Bytes,
+    done: tokio::sync::oneshot::Sender<Result<PublishAck, BusError>>,
+}
+
+/// Gather queued events into batches and publish them, at most [`BATCHES_IN_FLIGHT`] at a time.
+/// Nothing waits to fill a batch: an event that finds a free slot goes out at once (alone, when
+/// it is the only one queued), so batching costs no latency when the bus is idle. Ends when every
+/// [`NatsBus`] clone that feeds it is dropped.
+async fn run_batcher(bus: NatsBus, mut rx: tokio::sync::mpsc::Receiver<Queued>, max: usize) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+    let mut carry: Option<Queued> = None;
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let first = match carry.take() {
+            Some(q) => q,
+            None => match rx.recv().await {
+                Some(q) => q,
+                None => return,
+            },
+        };
+        let mut bytes = first.data.len();
+        let mut batch = vec![first];
+        while batch.len() < max {
+            match rx.try_recv() {
+                Ok(q) if bytes + q.data.len() > BATCH_MAX_BYTES => {
+                    carry = Some(q);
+                    break;
+                }
+                Ok(q) => {
+                    bytes += q.data.len();
+                    batch.push(q);
+                }
+                Err(_) => break,
+            }
+        }
+        let bus = bus.clone();
+        tokio::spawn(async move {
+            bus.publish_collected(batch).await;
+            drop(slot);
+        });
+    }
+}
+
 impl EventBus for NatsBus {
     fn publish<'a>(&'a self, event: &'a Event) -> BoxFuture<'a, Result<PublishAck, BusError>> {
         Box::pin(async move {
             check_event(event)?;
             let subject = subject_for(event);
             let payload = Bytes::from(event.encode_to_vec());
-            let after = self.cfg.publish_timeout();
-            let attempt = async {
-                let ack = self
-                    .js
-                    .send_publish(
-                        subject.clone(),
-                        PublishMessage::build()
-                            .payload(payload)
-                            .message_id(&event.id),
-                    )
-                    .await?;
-                ack.await
-            };
-            match tokio::time::timeout(after, attempt).await {
-                Err(_elapsed) => Err(self.no_ack(event, &subject, after)),
-                Ok(Err(e)) => Err(self.publish_error(e, event, &subject, after)),
-                Ok(Ok(ack)) => Ok(PublishAck {
-                    stream_seq: ack.sequence,
-                    duplicate: ack.duplicate,
-                }),
+            match &self.batcher {
+                Some(tx) if payload.len() < BATCH_MAX_BYTES => {
+                    let (done, answer) = tokio::sync::oneshot::channel();
+                    let queued = Queued {
+                        id: event.id.clone(),
+                        subject: subject.clone(),
+                        data: payload,
+                        done,
+                    };
+                    let after = self.cfg.publish_timeout();
+                    if tx.send(queued).await.is_err() {
+                        return Err(self.unavailable(format!(
+                            "the publisher's batching task has stopped; event {} was not sent                              (restart the process)",
+                            event.id
+                        )));
+                    }
+                    // The batch publish is itself bounded; this bound also covers the queue.
+                    match tokio::time::timeout(after + Duration::from_secs(1), answer).await {
+                        Ok(Ok(r)) => r,
+                        Ok(Err(_)) => Err(self.unavailable(format!(
+                            "the publisher's batching task stopped before event {} was                              acknowledged",
+                            event.id
+                        ))),
+                        Err(_) => Err(self.no_ack(&event.id, &subject, after)),
+                    }
+                }
+                _ => {
+                    self.publish_raw(subject, payload, &event.id, &event.id)
+                        .await
+                }
             }
         })
     }
@@ -615,19 +761,31 @@ impl NatsSource {
         loop {
             match tokio::time::timeout_at(deadline, batch.next()).await {
                 Err(_) | Ok(None) => break,
-                Ok(Some(Ok(message))) => out.push({
+                Ok(Some(Ok(message))) => {
                     let info = message.info().ok();
                     backlog = info.as_ref().map(|i| i.pending);
-                    Delivery {
-                        seq: info.map_or(0, |i| i.stream_sequence),
-                        data: message.payload.clone(),
-                        subject: message.subject.to_string(),
-                        acker: super::Acker::Nats(Box::new(Acker {
-                            message,
-                            cfg: self.cfg.clone(),
-                        })),
+                    let seq = info.map_or(0, |i| i.stream_sequence);
+                    let mut events = unbatch(&message.subject, &message.payload);
+                    // Every event but the last of a batch: the message is acked with the last.
+                    let last = events.pop();
+                    out.extend(events.into_iter().map(|(subject, data)| Delivery {
+                        seq,
+                        data,
+                        subject,
+                        acker: super::Acker::InBatch,
+                    }));
+                    if let Some((subject, data)) = last {
+                        out.push(Delivery {
+                            seq,
+                            data,
+                            subject,
+                            acker: super::Acker::Nats(Box::new(Acker {
+                                message,
+                                cfg: self.cfg.clone(),
+                            })),
+                        });
                     }
-                }),
+                }
                 Ok(Some(Err(e))) => {
                     // A status from the server ending the pull (e.g. 409 leadership change or
                     // consumer deleted). What arrived before it is still handed over.
@@ -785,6 +943,18 @@ mod tests {
         .await
         .unwrap_err();
         assert!(matches!(err, BusError::Invalid(_)), "{err}");
+        for publish_batch_max in [0, 10_001] {
+            let err = NatsBus::connect(NatsConfig {
+                publish_batch_max,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+            assert!(
+                matches!(&err, BusError::Invalid(m) if m.contains("publish_batch_max")),
+                "{err}"
+            );
+        }
         let err = NatsBus::connect(NatsConfig {
             url: " , ".into(),
             ..Default::default()
