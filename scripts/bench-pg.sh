@@ -8,6 +8,8 @@
 #     the configuration it has and NATS keeps the events), so the figures show the data path alone;
 #     the control plane is restarted afterwards and ingests the backlog.
 #   PERF_EDGE=FILE ./scripts/bench-pg.sh …   also samples the edge with perf (perf report -i FILE).
+#   BENCH_BATCH=N ./scripts/bench-pg.sh …   the edge's [bus.nats] publish_batch_max (default 64; 1
+#     publishes every event as its own bus message, as custos did before batching).
 # It prints the CPU seconds NATS, the control plane and the edge used during the runs: divided by
 # the statements the custos targets ran, they give a CPU cost per statement that moves much less
 # with the machine's other load than the TPS figures do.
@@ -73,6 +75,7 @@ servers = ["127.0.0.1:$CP_PORT"]
 token = "$EDGE_TOKEN"
 [bus.nats]
 url = "nats://127.0.0.1:$NATS_PORT"
+publish_batch_max = ${BENCH_BATCH:-64}
 [postgres]
 listen = "127.0.0.1:$EDGE_PORT"
 allow_insecure_password = true

@@ -33,8 +33,7 @@ when { context.model like "*forbidden*" };
 @id("agents-mcp")
 permit (principal in Custos::Group::"agents", action in Custos::Action::"mcp:all", resource);
 @id("no-delete-everything")
-forbid (principal, action == Custos::Action::"mcp:call", resource)
-when { context.tool == "delete_everything" };
+forbid (principal, action == Custos::Action::"mcp:call", resource == Custos::Tool::"delete_everything");
 @id("add-needs-a-dba")
 @approval("group=dba,timeout=60s")
 permit (principal in Custos::Group::"agents", action == Custos::Action::"mcp:call", resource)

@@ -164,7 +164,15 @@ pub struct Engine {
     decisions: parking_lot::Mutex<HashMap<[u8; 32], Decision>>,
 }
 
-type EntityKey = (String, Vec<String>, String, String, Option<String>);
+/// Identity, groups, connection, kind, environment, and the tool of an `mcp:call`.
+type EntityKey = (
+    String,
+    Vec<String>,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+);
 /// An action and its context's attribute names and value types.
 type Shape = (String, Vec<(String, u8)>);
 
@@ -278,7 +286,7 @@ impl Engine {
         who: &Principal<'_>,
         target: &Target<'_>,
         principal: &EntityUid,
-        resource: &EntityUid,
+        tool: Option<&str>,
     ) -> Result<std::sync::Arc<Entities>, String> {
         let key: EntityKey = (
             who.identity.to_string(),
@@ -286,6 +294,7 @@ impl Engine {
             target.connection.to_string(),
             target.kind.to_string(),
             target.environment.map(str::to_string),
+            tool.map(str::to_string),
         );
         if let Some(e) = self.entities.lock().get(&key) {
             return Ok(e.clone());
@@ -306,10 +315,25 @@ impl Engine {
                 RestrictedExpression::new_string(env.to_string()),
             );
         }
-        let conn = Entity::new(resource.clone(), conn_attrs, HashSet::new())
+        let conn_uid = uid("Custos::Connection", target.connection);
+        // An MCP tool is a part of its connection and carries the connection's attributes, so
+        // `resource in Custos::Connection::"…"` and `resource.environment` work for tool calls.
+        let tool = tool
+            .map(|t| {
+                Entity::new(
+                    uid("Custos::Tool", t),
+                    conn_attrs.clone(),
+                    HashSet::from([conn_uid.clone()]),
+                )
+                .map_err(|e| format!("bad tool entity: {e}"))
+            })
+            .transpose()?;
+        let conn = Entity::new(conn_uid, conn_attrs, HashSet::new())
             .map_err(|e| format!("bad connection entity: {e}"))?;
         let entities = Entities::from_entities(
-            groups.chain([Entity::new_no_attrs(principal.clone(), parents), conn]),
+            groups
+                .chain([Entity::new_no_attrs(principal.clone(), parents), conn])
+                .chain(tool),
             Some(policy::schema()),
         )
         .map_err(|e| format!("entities rejected by the schema: {e}"))?;
@@ -359,8 +383,22 @@ impl Engine {
             return deny(format!("unknown action {action}"));
         }
         let principal = uid("Custos::Identity", who.identity);
-        let resource = uid("Custos::Connection", target.connection);
-        let entities = match self.entities(who, target, &principal, &resource) {
+        // `mcp:call` is on the tool (`Custos::Tool::"<name>"`, in its connection); every other
+        // action is on the connection.
+        let tool = (action == "mcp:call").then(|| {
+            context
+                .iter()
+                .find_map(|(k, v)| match (k, v) {
+                    (&"tool", Value::Str(t)) => Some(t.as_str()),
+                    _ => None,
+                })
+                .unwrap_or("")
+        });
+        let resource = match tool {
+            Some(t) => uid("Custos::Tool", t),
+            None => uid("Custos::Connection", target.connection),
+        };
+        let entities = match self.entities(who, target, &principal, tool) {
             Ok(e) => e,
             Err(reason) => return deny(reason),
         };
@@ -640,5 +678,87 @@ when { resource has environment && resource.environment == "production" };
             &decide(&empty, &["dba"], None, "SELECT 1")[0],
             Decision::Deny { .. }
         ));
+    }
+
+    #[test]
+    fn an_mcp_tool_call_is_on_the_tool_which_is_in_its_connection() {
+        let text = r#"
+@id("tools-prod-agents")
+permit (principal in Custos::Group::"agents", action in Custos::Action::"mcp:all",
+        resource in Custos::Connection::"tools-prod");
+@id("no-delete-repo")
+forbid (principal, action == Custos::Action::"mcp:call", resource == Custos::Tool::"delete_repo");
+@id("prod-deploy-dba-only")
+forbid (principal, action == Custos::Action::"mcp:call", resource == Custos::Tool::"deploy")
+when { resource has environment && resource.environment == "production" }
+unless { principal in Custos::Group::"dba" };
+"#;
+        let e = Engine::new(text, 1).unwrap();
+        let call = |groups: &[&str], conn: &str, env: Option<&str>, action: &str, tool: &str| {
+            let groups: Vec<String> = groups.iter().map(|s| s.to_string()).collect();
+            let who = Principal {
+                identity: "agent:ops",
+                groups: &groups,
+            };
+            let target = Target {
+                connection: conn,
+                kind: "mcp",
+                environment: env,
+            };
+            e.authorize(
+                &who,
+                &target,
+                action,
+                &[
+                    ("tool", Value::Str(tool.into())),
+                    ("arguments", Value::Str(String::new())),
+                ],
+            )
+        };
+        let prod = Some("production");
+        assert!(matches!(
+            call(&["agents"], "tools-prod", prod, "mcp:call", "search"),
+            Decision::Allow { policies } if policies == ["tools-prod-agents"]
+        ));
+        assert!(matches!(
+            call(&["agents"], "tools-prod", prod, "mcp:list", ""),
+            Decision::Allow { .. }
+        ));
+        // The tool named as the resource; the connection-level permit does not save it.
+        assert!(matches!(
+            call(&["agents"], "tools-prod", prod, "mcp:call", "delete_repo"),
+            Decision::Deny { policies, .. } if policies == ["no-delete-repo"]
+        ));
+        // The tool carries its connection's environment.
+        assert!(matches!(
+            call(&["agents"], "tools-prod", prod, "mcp:call", "deploy"),
+            Decision::Deny { policies, .. } if policies == ["prod-deploy-dba-only"]
+        ));
+        assert!(matches!(
+            call(&["agents", "dba"], "tools-prod", prod, "mcp:call", "deploy"),
+            Decision::Allow { .. }
+        ));
+        assert!(matches!(
+            call(
+                &["agents"],
+                "tools-prod",
+                Some("staging"),
+                "mcp:call",
+                "deploy"
+            ),
+            Decision::Allow { .. }
+        ));
+        // A tool of another connection is not in tools-prod.
+        assert!(matches!(
+            call(&["agents"], "tools-dev", None, "mcp:call", "search"),
+            Decision::Deny { policies, .. } if policies.is_empty()
+        ));
+        // A tool is not a connection: a policy that says so can never apply and is refused.
+        let errs = Engine::new(
+            "permit (principal, action == Custos::Action::\"mcp:call\", resource is Custos::Connection);",
+            2,
+        )
+        .unwrap_err();
+        assert!(!errs.is_empty());
     }
 }

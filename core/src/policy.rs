@@ -61,13 +61,17 @@ pub const SCHEMA: &str = r#"// custos policy schema. Everything lives in namespa
 //                         ("postgres", "mysql", "ssh", "kubernetes", "http", "llm", "mcp");
 //                         `environment` (e.g. "production", "staging") is optional, so test it
 //                         with `resource has environment && resource.environment == "..."`.
-//   Table / Tool / Route  parts of a connection (SQL tables, MCP tools, HTTP routes), declared
-//                         `in [Connection]` for entity hierarchies. Every action's resource is a
-//                         Connection; match tables, tools and routes through the context
-//                         (`context.tables`, `context.tool`, `context.route`).
+//   Tool in [Connection]  an MCP tool, named as the server names it: the resource of mcp:call
+//                         (`resource == Custos::Tool::"search"`). It is `in` its connection and
+//                         carries the connection's `kind` and `environment`, so connection-level
+//                         rules (`resource in Custos::Connection::"…"`) also cover tool calls.
+//   Table / Route         parts of a connection (SQL tables, HTTP routes), declared
+//                         `in [Connection]`; no request uses them as its resource: match tables
+//                         and routes through the context (`context.tables`, `context.route`).
 //
-// Actions: every request names exactly one concrete action, its principal is an Identity and
-// its resource is a Connection. Action groups (no requests name them; use `action in ...`):
+// Actions: every request names exactly one concrete action and its principal is an Identity.
+// Its resource is a Connection, except for mcp:call, whose resource is the Tool called.
+// Action groups (no requests name them; use `action in ...`):
 //   sql:read  = select show explain          sql:write = insert update delete merge copy
 //   sql:ddl   = drop truncate alter create   sql:all   = every sql:* action
 //   k8s:read  = get list watch               k8s:write = create update patch delete
@@ -85,7 +89,7 @@ namespace Custos {
   entity Identity in [Group] { kind?: String };
   entity Connection { kind: String, environment?: String };
   entity Table in [Connection];
-  entity Tool in [Connection];
+  entity Tool in [Connection] { kind: String, environment?: String };
   entity Route in [Connection];
 
   // SQL (PostgreSQL, MySQL).
@@ -187,7 +191,9 @@ namespace Custos {
   action "llm:chat", "llm:embeddings" in ["llm:all"]
     appliesTo { principal: [Identity], resource: [Connection], context: LlmContext };
 
-  action "mcp:call", "mcp:list" in ["mcp:all"]
+  action "mcp:call" in ["mcp:all"]
+    appliesTo { principal: [Identity], resource: [Tool], context: McpContext };
+  action "mcp:list" in ["mcp:all"]
     appliesTo { principal: [Identity], resource: [Connection], context: McpContext };
 }
 "#;
@@ -1055,9 +1061,15 @@ when { context.tool == "delete_repo" || context.arguments like "*\"force\": true
         assert_eq!(ids.len(), ACTIONS.len() + ACTION_GROUPS.len(), "{ids:?}");
         for name in ACTIONS {
             assert!(is_valid_action(name));
-            // each concrete action can be requested by an Identity on a Connection
+            // each concrete action can be requested by an Identity on a Connection, except
+            // mcp:call, which is on a Tool
+            let resource = if *name == "mcp:call" {
+                "Custos::Tool"
+            } else {
+                "Custos::Connection"
+            };
             let text = format!(
-                "permit(principal, action == Custos::Action::\"{name}\", resource is Custos::Connection);"
+                "permit(principal, action == Custos::Action::\"{name}\", resource is {resource});"
             );
             validate(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
         }
