@@ -5,6 +5,8 @@
 #   ./scripts/bench-http.sh [--seconds 10 --rounds 3 --connections 16 --out FILE]
 #   AUDIT=strict ./scripts/bench-http.sh …   (default async)
 #   UPSTREAM_DELAY_MS=5 ./scripts/bench-http.sh …   the upstream answers after 5 ms (default 0: from memory)
+#   BENCH_BATCH=N ./scripts/bench-http.sh …   the edge's [bus.nats] publish_batch_max (default 64; 1
+#     publishes every event as its own bus message)
 # Needs: nats-server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -62,6 +64,7 @@ servers = ["127.0.0.1:$CP_PORT"]
 token = "$EDGE"
 [bus.nats]
 url = "nats://127.0.0.1:$NATS_PORT"
+publish_batch_max = ${BENCH_BATCH:-64}
 [postgres]
 enabled = false
 [http]
