@@ -8,6 +8,9 @@
 #     the configuration it has and NATS keeps the events), so the figures show the data path alone;
 #     the control plane is restarted afterwards and ingests the backlog.
 #   PERF_EDGE=FILE ./scripts/bench-pg.sh …   also samples the edge with perf (perf report -i FILE).
+#   PERF_CP=FILE ./scripts/bench-pg.sh …   also samples the control plane with perf.
+#   EDGE_WORKERS=N ./scripts/bench-pg.sh …   runs the edge with N tokio worker threads (default: one
+#     per CPU).
 #   BENCH_BATCH=N ./scripts/bench-pg.sh …   the edge's [bus.nats] publish_batch_max (default 64; 1
 #     publishes every event as its own bus message, as custos did before batching).
 # It prints the CPU seconds NATS, the control plane and the edge used during the runs: divided by
@@ -80,7 +83,7 @@ publish_batch_max = ${BENCH_BATCH:-64}
 listen = "127.0.0.1:$EDGE_PORT"
 allow_insecure_password = true
 TOML
-CUSTOS_LOG=warn "$BIN/custos" edge --config "$work/edge.toml" 2>"$work/edge.log" & edge_pid=$!; pids+=($edge_pid)
+env ${EDGE_WORKERS:+TOKIO_WORKER_THREADS=$EDGE_WORKERS} CUSTOS_LOG=warn "$BIN/custos" edge --config "$work/edge.toml" 2>"$work/edge.log" & edge_pid=$!; pids+=($edge_pid)
 wait_port "$EDGE_PORT"
 sleep 1
 cpu() { [ -r "/proc/$1/stat" ] && awk -v t="$(getconf CLK_TCK)" '{printf "%.2f", ($14+$15)/t}' "/proc/$1/stat" || echo 0; }
@@ -91,14 +94,18 @@ if [ "${BENCH_CP:-on}" = off ]; then
   echo "control plane stopped for the runs" >&2
 fi
 before=(); for p in "${cpu_pids[@]}"; do before+=("$(cpu "$p")"); done
+perf_pids=()
 if [ -n "${PERF_EDGE:-}" ]; then
-  perf record -q -F 499 -g -p "$edge_pid" -o "$PERF_EDGE" >/dev/null 2>&1 & perf_pid=$!
+  perf record -q -F 499 -g -p "$edge_pid" -o "$PERF_EDGE" >/dev/null 2>&1 & perf_pids+=($!)
+fi
+if [ -n "${PERF_CP:-}" ]; then
+  perf record -q -F 499 -g -p "$cp_pid" -o "$PERF_CP" >/dev/null 2>&1 & perf_pids+=($!)
 fi
 "$BIN/custos-loadtest" pgbench \
   --target "custos-strict=postgresql://bench:$TOKEN@127.0.0.1:$EDGE_PORT/bench-strict?sslmode=disable" \
   --target "custos-async=postgresql://bench:$TOKEN@127.0.0.1:$EDGE_PORT/bench-async?sslmode=disable" \
   "$@"
-if [ -n "${perf_pid:-}" ]; then kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true; fi
+for p in "${perf_pids[@]}"; do kill -INT "$p"; wait "$p" 2>/dev/null || true; done
 # NATS, the control plane and the edge work only in the custos rounds (the control plane not at
 # all with BENCH_CP=off); the figure includes warm-up and latency runs.
 echo -n "CPU seconds during the runs:" >&2
