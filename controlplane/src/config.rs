@@ -177,7 +177,9 @@ impl ControlPlaneConfig {
             path: path.display().to_string(),
             source,
         })?;
-        Self::parse(&text, &path.display().to_string())
+        let mut cfg = Self::parse(&text, &path.display().to_string())?;
+        cfg.bus.nats.apply_env();
+        Ok(cfg)
     }
 
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {

@@ -197,8 +197,9 @@ impl EdgeFileConfig {
     pub fn load(path: &Path) -> Result<EdgeFileConfig, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
-        let cfg: EdgeFileConfig =
+        let mut cfg: EdgeFileConfig =
             toml::from_str(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        cfg.bus.nats.apply_env();
         cfg.validate()
             .map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))?;
         Ok(cfg)

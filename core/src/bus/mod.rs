@@ -22,7 +22,7 @@ pub mod inproc;
 pub mod nats;
 
 pub use inproc::{InProcBus, InProcSource};
-pub use nats::{NatsBus, NatsConfig, NatsSource};
+pub use nats::{NatsBus, NatsConfig, NatsSource, NATS_URL_ENV};
 
 /// Prefix of every event subject; the JetStream stream captures `custos.events.>`.
 pub const EVENTS_SUBJECT_PREFIX: &str = "custos.events";

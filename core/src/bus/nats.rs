@@ -94,7 +94,23 @@ impl std::fmt::Debug for NatsConfig {
     }
 }
 
+/// The environment variable that overrides `[bus.nats] url`, e.g. to keep the credentials a URL
+/// embeds out of configuration files.
+pub const NATS_URL_ENV: &str = "CUSTOS_NATS_URL";
+
 impl NatsConfig {
+    /// Take `url` from [`NATS_URL_ENV`] when it is set and not blank. Config loaders call this
+    /// once, after parsing the file.
+    pub fn apply_env(&mut self) {
+        self.override_url(std::env::var(NATS_URL_ENV).ok());
+    }
+
+    fn override_url(&mut self, value: Option<String>) {
+        if let Some(url) = value.filter(|u| !u.trim().is_empty()) {
+            self.url = url;
+        }
+    }
+
     fn publish_timeout(&self) -> Duration {
         Duration::from_millis(self.publish_timeout_ms)
     }
@@ -932,6 +948,20 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(unlimited.stream_config().max_age, Duration::ZERO);
+    }
+
+    #[test]
+    fn the_environment_overrides_the_url_only_when_set_and_not_blank() {
+        let mut cfg = NatsConfig {
+            url: "nats://from-file:4222".into(),
+            ..Default::default()
+        };
+        cfg.override_url(None);
+        assert_eq!(cfg.url, "nats://from-file:4222");
+        cfg.override_url(Some("  ".into()));
+        assert_eq!(cfg.url, "nats://from-file:4222");
+        cfg.override_url(Some("nats://u:p@from-env:4222".into()));
+        assert_eq!(cfg.url, "nats://u:p@from-env:4222");
     }
 
     #[tokio::test]
