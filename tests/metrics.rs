@@ -70,6 +70,10 @@ fn metrics_count_sessions_commands_and_show_raft_and_the_audit_head() -> Result<
                 "{page}"
             );
             assert!(page.contains("custos_edge_config_synced 1"), "{page}");
+            assert!(
+                value(&page, "custos_ingest_bus_messages_total") >= Some(1.0),
+                "{page}"
+            );
             break;
         }
         if t0.elapsed() > Duration::from_secs(10) {

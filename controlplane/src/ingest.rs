@@ -105,6 +105,9 @@ async fn term<S: EventSource + ?Sized>(
         if batch.is_empty() {
             continue;
         }
+        inner
+            .metrics
+            .add("custos_ingest_bus_messages_total", &[], messages(&batch));
         let gaps = gaps(&mut next, batch.iter().map(|d| d.seq));
         for (from, to) in gaps {
             if let Err(e) = fill(inner, src, from, to, max).await {
@@ -132,6 +135,24 @@ async fn term<S: EventSource + ?Sized>(
         }
     }
     backlog(None);
+}
+
+/// How many bus messages `batch` came in: the events of one batch are adjacent and share its
+/// stream sequence; every in-process delivery (sequence 0) is a message of its own.
+fn messages(batch: &[custos_core::bus::Delivery]) -> u64 {
+    seq_messages(batch.iter().map(|d| d.seq))
+}
+
+fn seq_messages(seqs: impl Iterator<Item = u64>) -> u64 {
+    let mut n = 0;
+    let mut prev = None;
+    for seq in seqs {
+        if seq == 0 || prev != Some(seq) {
+            n += 1;
+        }
+        prev = Some(seq);
+    }
+    n
 }
 
 /// The ranges of stream sequences the consumer skipped before or inside `batch`, advancing
@@ -348,7 +369,14 @@ async fn commit(inner: &Inner, batch: Vec<custos_core::bus::Delivery>) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::gaps;
+    use super::{gaps, seq_messages};
+
+    #[test]
+    fn the_events_of_one_batch_count_as_one_message() {
+        assert_eq!(seq_messages([5, 5, 5, 6, 7, 7].into_iter()), 3);
+        assert_eq!(seq_messages([0, 0, 0].into_iter()), 3);
+        assert_eq!(seq_messages(std::iter::empty()), 0);
+    }
 
     #[test]
     fn gaps_are_the_sequences_skipped_before_and_inside_a_batch() {
