@@ -35,7 +35,7 @@ trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; echo "nothing on port $1" >&2; exit 1; }
 
-NATS_PORT=$(port); CP_PORT=$(port); EDGE_PORT=$(port)
+NATS_PORT=$(port); CP_PORT=$(port); EDGE_PORT=$(port); CP_METRICS=$(port)
 nats-server -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$work/nats" >/dev/null 2>&1 & pids+=($!)
 wait_port "$NATS_PORT"
 mkdir -p "$work/cp"
@@ -48,6 +48,8 @@ data_dir = "$work/cp"
 admin_token_file = "$work/admin.token"
 [cluster.initial_members]
 1 = "127.0.0.1:$CP_PORT"
+[metrics]
+listen = "127.0.0.1:$CP_METRICS"
 [bus]
 kind = "nats"
 [bus.nats]
@@ -124,5 +126,11 @@ if [ "${BENCH_CP:-on}" = off ]; then
     prev=$head; sleep 2
   done
   echo "control plane ingested the backlog: head seq $head after $(( $(date +%s) - t0 )) s" >&2
+fi
+# The publishers' mean batch size: events over bus messages, as the control plane fetched them.
+if page=$(curl -fsS "http://127.0.0.1:$CP_METRICS/metrics" 2>/dev/null); then
+  echo "$page" | awk '/^custos_ingest_events_total\{/ && !/result="(filled|lost)"/ {e+=$2}
+    /^custos_ingest_bus_messages_total / {m=$2}
+    END {if (m > 0) printf "bus: %d events in %d messages (%.2f events per message)\n", e, m, e/m}' >&2
 fi
 echo "audit: $("$BIN/custos" audit verify | head -1)" >&2
