@@ -9,6 +9,8 @@
 #     the control plane is restarted afterwards and ingests the backlog.
 #   PERF_EDGE=FILE ./scripts/bench-pg.sh …   also samples the edge with perf (perf report -i FILE).
 #   PERF_CP=FILE ./scripts/bench-pg.sh …   also samples the control plane with perf.
+#   BENCH_SIEM=off ./scripts/bench-pg.sh …   turns the control plane's SIEM republish off ([siem]
+#     enabled = false), to see what that feed costs NATS and the control plane.
 #   EDGE_WORKERS=N ./scripts/bench-pg.sh …   runs the edge with N tokio worker threads (default: one
 #     per CPU).
 #   BENCH_BATCH=N ./scripts/bench-pg.sh …   the edge's [bus.nats] publish_batch_max (default 64; 1
@@ -50,6 +52,8 @@ admin_token_file = "$work/admin.token"
 1 = "127.0.0.1:$CP_PORT"
 [metrics]
 listen = "127.0.0.1:$CP_METRICS"
+[siem]
+enabled = $([ "${BENCH_SIEM:-on}" = off ] && echo false || echo true)
 [bus]
 kind = "nats"
 [bus.nats]
