@@ -593,7 +593,7 @@ impl NatsBus {
             return;
         }
         let id = format!("{} (+{} batched)", batch[0].id, batch.len() - 1);
-        let msg_id = format!("batch:{}+{}", batch[0].id, batch.len());
+        let msg_id = batch_msg_id(batch.iter().map(|q| q.id.as_str()));
         let payload = EventBatch {
             events: batch
                 .iter()
@@ -611,6 +611,20 @@ impl NatsBus {
             let _ = q.done.send(r.clone());
         }
     }
+}
+
+/// The `Nats-Msg-Id` of a batch: a digest of every event id in it, in order. The broker drops a
+/// re-publish of the very same batch, and only that: a batch that merely starts with the same
+/// event, or has as many events, is a different message (naming a batch by its first id and
+/// count would make the broker drop, as a "duplicate", a retry batch holding other events).
+fn batch_msg_id<'a>(ids: impl Iterator<Item = &'a str>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for id in ids {
+        h.update((id.len() as u64).to_le_bytes());
+        h.update(id.as_bytes());
+    }
+    format!("batch:{}", hex::encode(&h.finalize()[..16]))
 }
 
 /// Most bytes of events in one batch; an event this large or larger is published alone. Well
@@ -685,19 +699,25 @@ impl EventBus for NatsBus {
                         done,
                     };
                     let after = self.cfg.publish_timeout();
-                    if tx.send(queued).await.is_err() {
-                        return Err(self.unavailable(format!(
-                            "the publisher's batching task has stopped; event {} was not sent                              (restart the process)",
-                            event.id
-                        )));
-                    }
-                    // The batch publish is itself bounded; this bound also covers the queue.
-                    match tokio::time::timeout(after + Duration::from_secs(1), answer).await {
-                        Ok(Ok(r)) => r,
-                        Ok(Err(_)) => Err(self.unavailable(format!(
-                            "the publisher's batching task stopped before event {} was                              acknowledged",
-                            event.id
-                        ))),
+                    // One bound for the queue and the ack together, as for an unbatched publish.
+                    let queued_and_acked = async {
+                        if tx.send(queued).await.is_err() {
+                            return Err(self.unavailable(format!(
+                                "the publisher's batching task has stopped; event {} was not \
+                                 sent (restart the process)",
+                                event.id
+                            )));
+                        }
+                        answer.await.unwrap_or_else(|_| {
+                            Err(self.unavailable(format!(
+                                "the publisher's batching task stopped before event {} was \
+                                 acknowledged",
+                                event.id
+                            )))
+                        })
+                    };
+                    match tokio::time::timeout(after, queued_and_acked).await {
+                        Ok(r) => r,
                         Err(_) => Err(self.no_ack(&event.id, &subject, after)),
                     }
                 }
@@ -948,6 +968,18 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(unlimited.stream_config().max_age, Duration::ZERO);
+    }
+
+    #[test]
+    fn a_batch_msg_id_names_exactly_its_events() {
+        let id = |ids: &[&str]| batch_msg_id(ids.iter().copied());
+        assert_eq!(id(&["a", "b", "c"]), id(&["a", "b", "c"]));
+        assert!(id(&["a", "b"]).starts_with("batch:"));
+        // Same first event and count, other events: a different message.
+        assert_ne!(id(&["a", "b", "c"]), id(&["a", "b", "d"]));
+        assert_ne!(id(&["a", "b"]), id(&["b", "a"]));
+        // Length-prefixed: ids cannot run into each other.
+        assert_ne!(id(&["ab", "c"]), id(&["a", "bc"]));
     }
 
     #[test]
