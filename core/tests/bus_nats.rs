@@ -167,6 +167,32 @@ async fn ack_all(deliveries: Vec<Delivery>) {
     }
 }
 
+/// Once everything is acked: nothing comes back, not even after the ack wait, and the consumer
+/// has no ack pending. Returns the consumer's state for further checks.
+async fn assert_nothing_redelivered(
+    source: &mut NatsSource,
+) -> async_nats::jetstream::consumer::Info {
+    let again = bounded("fetch", source.fetch(100, Duration::from_secs(2)))
+        .await
+        .unwrap();
+    assert!(again.is_empty(), "{} redelivered after ack", again.len());
+    let info = bounded("consumer info", source.consumer().info())
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(info.num_ack_pending, 0);
+    info
+}
+
+/// How many events share each stream sequence (the events of one batch share it).
+fn per_seq(seqs: impl Iterator<Item = u64>) -> std::collections::BTreeMap<u64, usize> {
+    let mut out = std::collections::BTreeMap::new();
+    for seq in seqs {
+        *out.entry(seq).or_default() += 1;
+    }
+    out
+}
+
 #[tokio::test]
 async fn publishes_500_and_reads_them_all_back_once() {
     let server = Server::start();
@@ -215,15 +241,7 @@ async fn publishes_500_and_reads_them_all_back_once() {
     ack_all(got).await;
 
     // Nothing left, not even after the ack wait.
-    let again = bounded("fetch", source.fetch(100, Duration::from_secs(2)))
-        .await
-        .unwrap();
-    assert!(again.is_empty(), "{} redelivered after ack", again.len());
-    let info = bounded("consumer info", source.consumer().info())
-        .await
-        .unwrap()
-        .clone();
-    assert_eq!(info.num_ack_pending, 0);
+    let info = assert_nothing_redelivered(&mut source).await;
     assert_eq!(info.num_pending, 0);
     assert_eq!(info.delivered.stream_sequence, 500);
 }
@@ -267,10 +285,7 @@ async fn concurrent_publishes_share_bus_messages_and_are_handed_over_one_by_one(
         "400 events published at once took {messages} bus messages; they should be batched"
     );
     // Events of one batch share its stream sequence, and no batch exceeds the maximum.
-    let mut per_seq = std::collections::BTreeMap::<u64, usize>::new();
-    for (_, seq) in &sent {
-        *per_seq.entry(*seq).or_default() += 1;
-    }
+    let per_seq = per_seq(sent.iter().map(|(_, seq)| *seq));
     assert_eq!(per_seq.len() as u64, messages);
     assert!(per_seq.values().all(|n| *n <= 64), "{per_seq:?}");
 
@@ -288,15 +303,7 @@ async fn concurrent_publishes_share_bus_messages_and_are_handed_over_one_by_one(
     }
     assert_eq!(received.len(), 400);
     ack_all(got).await;
-    let again = bounded("fetch", source.fetch(100, Duration::from_secs(2)))
-        .await
-        .unwrap();
-    assert!(again.is_empty(), "{} redelivered after ack", again.len());
-    let info = bounded("consumer info", source.consumer().info())
-        .await
-        .unwrap()
-        .clone();
-    assert_eq!(info.num_ack_pending, 0);
+    assert_nothing_redelivered(&mut source).await;
 }
 
 #[tokio::test]
@@ -310,10 +317,7 @@ async fn a_batch_comes_back_whole_unless_its_last_event_is_acked() {
     let got = fetch_n(&mut source, 50).await;
 
     // The largest batch: ack all of its events but the last; ack every other event.
-    let mut per_seq = std::collections::BTreeMap::<u64, usize>::new();
-    for d in &got {
-        *per_seq.entry(d.seq).or_default() += 1;
-    }
+    let per_seq = per_seq(got.iter().map(|d| d.seq));
     let (&batch_seq, &size) = per_seq.iter().max_by_key(|(_, n)| **n).unwrap();
     assert!(
         size > 1,
@@ -342,8 +346,7 @@ async fn a_batch_comes_back_whole_unless_its_last_event_is_acked() {
     assert_eq!(ids, expected);
     assert_eq!(back.len(), size);
     ack_all(back).await;
-    let none = source.fetch(100, Duration::from_secs(2)).await.unwrap();
-    assert!(none.is_empty(), "{} redelivered after ack", none.len());
+    assert_nothing_redelivered(&mut source).await;
 }
 
 #[tokio::test]
