@@ -290,6 +290,35 @@ async fn malformed_events_are_parked_and_do_not_block_ingest() -> Result<()> {
             good += 1;
         }
     }
+    // On the batch subject: bytes that are no batch are parked whole; a batch holding a good and
+    // a malformed event commits the good one and parks the other.
+    js.publish(
+        custos_core::bus::BATCH_SUBJECT,
+        vec![0xff, 0xff, 0x07, 0x00].into(),
+    )
+    .await?
+    .await?;
+    let batch = custos_proto::v1::EventBatch {
+        events: vec![
+            custos_proto::v1::BatchedEvent {
+                subject: "custos.events.session_started.db".into(),
+                event: origin
+                    .event(Payload::SessionStarted(SessionStarted::default()))
+                    .encode_to_vec(),
+            },
+            custos_proto::v1::BatchedEvent {
+                subject: "custos.events.junk.db".into(),
+                event: vec![0xff, 0xfe, 0x01],
+            },
+        ],
+    };
+    js.publish(
+        custos_core::bus::BATCH_SUBJECT,
+        batch.encode_to_vec().into(),
+    )
+    .await?
+    .await?;
+    good += 1;
     eventually(Duration::from_secs(30), "all good events committed", || {
         let server = server.clone();
         async move { head(&server).await >= good }
@@ -298,9 +327,9 @@ async fn malformed_events_are_parked_and_do_not_block_ingest() -> Result<()> {
     let v = client(&server).await.verify().await?;
     assert!(v.ok, "{v:?}");
     assert_eq!(v.checked, good);
-    assert_eq!(v.parked, 6);
+    assert_eq!(v.parked, 8);
     let (_, out, _) = cli(&server, &["audit", "verify"]);
-    assert!(out.contains("6 malformed events parked"), "{out}");
+    assert!(out.contains("8 malformed events parked"), "{out}");
     Ok(())
 }
 
