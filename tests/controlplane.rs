@@ -369,8 +369,34 @@ async fn events_the_consumer_skipped_are_read_back_and_a_lost_one_fails_verify()
         },
     )
     .await?;
-    // The node goes down; 6 more events arrive while it is away.
+    // The node goes down; 6 more events arrive while it is away. First wait until the server
+    // has dropped the dead node's waiting pull request (it expires after the ingest's 200 ms
+    // fetch wait): a message it took would be pending on a dead client, and the side consumer
+    // below would skip other sequences than 6..=10.
     nodes[0].kill();
+    {
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer = bus
+            .jetstream()
+            .get_stream("CUSTOS_EVENTS")
+            .await?
+            .get_consumer("custos-controlplane")
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while consumer
+            .info()
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .num_waiting
+            > 0
+        {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the killed node's pull request was still waiting after 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     for e in publish(6) {
         seqs.push(bus.publish(&e).await?.stream_seq);
     }
@@ -388,15 +414,21 @@ async fn events_the_consumer_skipped_are_read_back_and_a_lost_one_fails_verify()
         .messages()
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut n = 0;
+    let mut taken = Vec::new();
     while let Some(m) = futures::StreamExt::next(&mut skipped).await {
-        m.map_err(|e| anyhow::anyhow!("{e}"))?
-            .double_ack()
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        n += 1;
+        let m = m.map_err(|e| anyhow::anyhow!("{e}"))?;
+        taken.push(
+            m.info()
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .stream_sequence,
+        );
+        m.double_ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
     }
-    assert_eq!(n, 5, "the side consumer took sequences 6..=10");
+    assert_eq!(
+        taken,
+        (6..=10).collect::<Vec<u64>>(),
+        "the side consumer took sequences 6..=10"
+    );
     assert!(stream.delete_message(10).await?);
     nodes[0].spawn()?;
     eventually(
