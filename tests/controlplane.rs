@@ -374,61 +374,20 @@ async fn events_the_consumer_skipped_are_read_back_and_a_lost_one_fails_verify()
     // fetch wait): a message it took would be pending on a dead client, and the side consumer
     // below would skip other sequences than 6..=10.
     nodes[0].kill();
-    {
-        let mut consumer: async_nats::jetstream::consumer::PullConsumer = bus
-            .jetstream()
-            .get_stream("CUSTOS_EVENTS")
-            .await?
-            .get_consumer("custos-controlplane")
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while consumer
-            .info()
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .num_waiting
-            > 0
-        {
-            anyhow::ensure!(
-                std::time::Instant::now() < deadline,
-                "the killed node's pull request was still waiting after 10 s"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    pull_expired(&bus).await?;
     for e in publish(6) {
         seqs.push(bus.publish(&e).await?.stream_seq);
     }
     assert_eq!(seqs, (1..=11).collect::<Vec<u64>>());
     // Something else moves the durable consumer past sequences 6..=10 without ingesting them,
     // and sequence 10 is then gone from the stream.
-    let stream = bus.jetstream().get_stream("CUSTOS_EVENTS").await?;
-    let consumer: async_nats::jetstream::consumer::PullConsumer = stream
-        .get_consumer("custos-controlplane")
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut skipped = consumer
-        .fetch()
-        .max_messages(5)
-        .messages()
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut taken = Vec::new();
-    while let Some(m) = futures::StreamExt::next(&mut skipped).await {
-        let m = m.map_err(|e| anyhow::anyhow!("{e}"))?;
-        taken.push(
-            m.info()
-                .map_err(|e| anyhow::anyhow!("{e}"))?
-                .stream_sequence,
-        );
-        m.double_ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    }
+    let taken = side_take(&bus, 5).await?;
     assert_eq!(
         taken,
         (6..=10).collect::<Vec<u64>>(),
         "the side consumer took sequences 6..=10"
     );
+    let stream = bus.jetstream().get_stream("CUSTOS_EVENTS").await?;
     assert!(stream.delete_message(10).await?);
     nodes[0].spawn()?;
     eventually(
@@ -474,6 +433,120 @@ async fn events_the_consumer_skipped_are_read_back_and_a_lost_one_fails_verify()
     assert!(
         nodes[0].log().contains("lost before ingest"),
         "the leader's log names the lost sequence: {}",
+        nodes[0].log()
+    );
+    Ok(())
+}
+
+/// Wait until the server has dropped a killed node's waiting pull request (it expires after the
+/// ingest's 200 ms fetch wait): a message it took would be pending on a dead client.
+async fn pull_expired(bus: &NatsBus) -> Result<()> {
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = bus
+        .jetstream()
+        .get_stream("CUSTOS_EVENTS")
+        .await?
+        .get_consumer("custos-controlplane")
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while consumer
+        .info()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .num_waiting
+        > 0
+    {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the killed node's pull request was still waiting after 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// Something other than the ingest moves the durable consumer past the next `n` messages: it
+/// takes and acks them. Returns their stream sequences.
+async fn side_take(bus: &NatsBus, n: usize) -> Result<Vec<u64>> {
+    let consumer: async_nats::jetstream::consumer::PullConsumer = bus
+        .jetstream()
+        .get_stream("CUSTOS_EVENTS")
+        .await?
+        .get_consumer("custos-controlplane")
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut skipped = consumer
+        .fetch()
+        .max_messages(n)
+        .messages()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut taken = Vec::new();
+    while let Some(m) = futures::StreamExt::next(&mut skipped).await {
+        let m = m.map_err(|e| anyhow::anyhow!("{e}"))?;
+        taken.push(
+            m.info()
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .stream_sequence,
+        );
+        m.double_ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    Ok(taken)
+}
+
+/// The consumer skips the stream's last events, and nothing is published after them: no later
+/// delivery reveals the gap. The idle ingest finds it (the consumer has nothing left, the stream
+/// holds more than was received) and reads the tail back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_skipped_tail_is_read_back_while_the_bus_is_idle() -> Result<()> {
+    let nats = Nats::start()?;
+    let root = tempfile::tempdir()?;
+    let opts = ClusterOpts {
+        nats_url: Some(nats.url()),
+        ..Default::default()
+    };
+    let mut nodes = cluster(root.path(), &[1], &[1], &opts)?;
+    nodes[0].spawn()?;
+    let server = nodes[0].server();
+    let (bus, origin) = publisher(&nats, "bob", "db").await?;
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        if i == 3 {
+            eventually(
+                Duration::from_secs(30),
+                "the first 3 events committed",
+                || {
+                    let server = server.clone();
+                    async move { head(&server).await >= 3 }
+                },
+            )
+            .await?;
+            nodes[0].kill();
+            pull_expired(&bus).await?;
+        }
+        let e = origin.event(Payload::SessionStarted(SessionStarted::default()));
+        ids.push(e.id.clone());
+        assert_eq!(bus.publish(&e).await?.stream_seq, i + 1);
+    }
+    assert_eq!(side_take(&bus, 4).await?, (4..=7).collect::<Vec<u64>>());
+    nodes[0].spawn()?;
+    eventually(
+        Duration::from_secs(30),
+        "the skipped tail read back and committed",
+        || {
+            let server = server.clone();
+            async move { head(&server).await >= 7 }
+        },
+    )
+    .await?;
+    let recs = client(&server).await.search_after(0, 100).await?;
+    let got: Vec<String> = recs.iter().map(|r| r.event_id.clone()).collect();
+    assert_eq!(got, ids, "every event once, in stream order");
+    let v = client(&server).await.verify().await?;
+    assert!(v.ok && v.checked == 7, "{v:?}");
+    assert!(
+        nodes[0].log().contains("skipped stream sequences"),
+        "the leader's log says it read sequences back: {}",
         nodes[0].log()
     );
     Ok(())

@@ -11,7 +11,9 @@
 //! consumers have done after a cluster restart). The loop then reads each skipped sequence back
 //! from the stream and commits it before the batch. A sequence the stream no longer holds is
 //! committed as a [`Command::BusGap`]: the loss is recorded in the log and `audit verify` fails,
-//! instead of the log silently missing an event an edge was told was durable.
+//! instead of the log silently missing an event an edge was told was durable. A skipped tail,
+//! which no later delivery would reveal, is found while idle: the consumer has nothing left to
+//! deliver, yet the stream holds sequences beyond the last one received.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -87,6 +89,7 @@ async fn term<S: EventSource + ?Sized>(
             .consumer_backlog
             .store(v, std::sync::atomic::Ordering::Relaxed);
     };
+    let mut last_tail_check = tokio::time::Instant::now();
     while inner.is_leader() && !*shutdown.borrow() {
         let batch = tokio::select! {
             biased;
@@ -103,6 +106,14 @@ async fn term<S: EventSource + ?Sized>(
             }
         };
         if batch.is_empty() {
+            if last_tail_check.elapsed() >= TAIL_CHECK {
+                last_tail_check = tokio::time::Instant::now();
+                if !fill_tail(inner, src, &mut next, max).await {
+                    backlog(None);
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    return;
+                }
+            }
             continue;
         }
         inner
@@ -135,6 +146,40 @@ async fn term<S: EventSource + ?Sized>(
         }
     }
     backlog(None);
+}
+
+/// While idle, ask the source at most this often whether it skipped the stream's tail.
+const TAIL_CHECK: Duration = Duration::from_secs(1);
+
+/// A skipped tail: sequences after the last one received that the consumer will never deliver
+/// (it is idle, yet the stream holds them). No later delivery reveals such a gap, so the idle loop
+/// asks, reads them back and commits them. False when reading them failed (the caller steps back
+/// and retries); a source that cannot tell, or a busy consumer, is no gap.
+async fn fill_tail<S: EventSource + ?Sized>(
+    inner: &Inner,
+    src: &mut S,
+    next: &mut Option<u64>,
+    max: usize,
+) -> bool {
+    let Some(n) = *next else { return true };
+    let last = match src.settled_tail().await {
+        Ok(Some(last)) if last >= n => last,
+        Ok(_) => return true,
+        Err(e) => {
+            tracing::debug!(error = %e, "could not read the stream's tail; asking again later");
+            return true;
+        }
+    };
+    match fill(inner, src, n, last, max).await {
+        Ok(()) => {
+            *next = Some(last + 1);
+            true
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, from = n, to = last, "could not fill the stream's tail the consumer skipped; retrying");
+            false
+        }
+    }
 }
 
 /// How many bus messages `batch` came in: the events of one batch are adjacent and share its

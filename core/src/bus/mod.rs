@@ -194,6 +194,14 @@ pub trait EventSource: Send + 'static {
             )))
         })
     }
+
+    /// The stream's last sequence, when the consumer has nothing left to deliver and no delivery
+    /// awaits an ack: every sequence up to it was handed out (or skipped). `Ok(None)` when the
+    /// consumer is still busy or the source cannot tell. The ingest loop asks while idle, so a
+    /// skipped tail (no later event would reveal it) is found too.
+    fn settled_tail(&mut self) -> BoxFuture<'_, Result<Option<u64>, BusError>> {
+        Box::pin(async { Ok(None) })
+    }
 }
 
 /// An event read from the stream by sequence ([`EventSource::get`]).
@@ -220,6 +228,10 @@ impl<T: EventSource + ?Sized> EventSource for Box<T> {
 
     fn get(&mut self, seq: u64) -> BoxFuture<'_, Result<Option<Stored>, BusError>> {
         (**self).get(seq)
+    }
+
+    fn settled_tail(&mut self) -> BoxFuture<'_, Result<Option<u64>, BusError>> {
+        (**self).settled_tail()
     }
 }
 

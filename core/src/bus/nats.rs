@@ -884,6 +884,37 @@ impl EventSource for NatsSource {
             }
         })
     }
+
+    fn settled_tail(&mut self) -> BoxFuture<'_, Result<Option<u64>, BusError>> {
+        Box::pin(async move {
+            let bound = self.cfg.publish_timeout();
+            let name = self.cfg.stream.clone();
+            let timeout = |what: &str| BusError::Timeout {
+                what: format!("JetStream answer reading the {what}"),
+                after: bound,
+            };
+            // The stream first: an event stored after this read leaves the consumer pending, so
+            // a consumer seen idle afterwards has handed out everything up to `last`.
+            let last = match tokio::time::timeout(bound, self.stream.info()).await {
+                Err(_) => return Err(timeout(&format!("state of stream {name}"))),
+                Ok(Err(e)) => {
+                    return Err(self.unavailable(format!("reading the state of stream {name}: {e}")))
+                }
+                Ok(Ok(info)) => info.state.last_sequence,
+            };
+            let durable = self.durable.clone();
+            let idle = match tokio::time::timeout(bound, self.consumer.info()).await {
+                Err(_) => return Err(timeout(&format!("state of consumer {durable}"))),
+                Ok(Err(e)) => {
+                    return Err(self.unavailable(format!(
+                        "reading the state of consumer {durable} of stream {name}: {e}"
+                    )))
+                }
+                Ok(Ok(info)) => info.num_pending == 0 && info.num_ack_pending == 0,
+            };
+            Ok(idle.then_some(last))
+        })
+    }
 }
 
 /// The private acker of a NATS delivery.
