@@ -17,7 +17,8 @@ have openssl || need_pkgs+=(openssl)   # the mutual-TLS test makes its certifica
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_pkgs+=(postgresql)
 have psql || need_pkgs+=(postgresql-client)
 have setpriv || need_pkgs+=(util-linux)
-# The HTTP/LLM/MCP and Slack tests drive real clients: curl, and the Python openai and mcp SDKs.
+# The HTTP/LLM/MCP and Slack tests drive real clients: curl, the Python openai and mcp SDKs, and
+# the Python websockets library.
 have curl || need_pkgs+=(curl)
 have python3 || need_pkgs+=(python3 python3-pip)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
@@ -26,10 +27,10 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
 fi
-if ! python3 -c "import openai, mcp" >/dev/null 2>&1; then
-  echo "installing the Python openai and mcp SDKs (tests/py)"
-  python3 -m pip install -q openai mcp 2>/dev/null \
-    || python3 -m pip install -q --break-system-packages openai mcp
+if ! python3 -c "import openai, mcp, websockets" >/dev/null 2>&1; then
+  echo "installing the Python openai, mcp and websockets libraries (tests/py)"
+  python3 -m pip install -q openai mcp websockets 2>/dev/null \
+    || python3 -m pip install -q --break-system-packages openai mcp websockets
 fi
 if ! have cargo; then
   echo "cargo is missing: install Rust with rustup (the toolchain is pinned in rust-toolchain.toml)" >&2

@@ -850,6 +850,111 @@ fn upgraded_connections_are_relayed_after_authorization() -> Result<()> {
     Ok(())
 }
 
+/// A real WebSocket client and server (the Python `websockets` library) through the edge: the
+/// messages pass unchanged, the custos token and the compression offer never reach the server,
+/// and the upgrade's record holds a masked transcript of every message, both ways.
+#[test]
+fn websocket_messages_are_relayed_and_transcribed() -> Result<()> {
+    let env = setup()?;
+    let port = common::free_port();
+    let log = env.dir.path().join("ws-headers.jsonl");
+    let _up = server(&[
+        py("ws_echo.py").to_str().unwrap(),
+        "--port",
+        &port.to_string(),
+        "--log",
+        log.to_str().unwrap(),
+    ])?;
+    put_connection(
+        &env,
+        &[
+            "ws",
+            "--kind",
+            "http",
+            "--address",
+            &format!("http://127.0.0.1:{port}"),
+        ],
+    )?;
+    wait_served(&env, "/ws/x")?;
+    let client = |path: &str| -> (i32, Value) {
+        let out = Command::new("python3")
+            .arg(py("ws_client.py"))
+            .args([
+                "--url",
+                &format!("ws://127.0.0.1:{}{path}", env.http_port),
+                "--header",
+                &format!("Authorization: Bearer {}", env.agent_token),
+            ])
+            .output()
+            .expect("python3");
+        let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+            serde_json::json!({"raw": String::from_utf8_lossy(&out.stdout), "stderr": String::from_utf8_lossy(&out.stderr)})
+        });
+        (out.status.code().unwrap_or(-1), v)
+    };
+    let (code, v) = client("/ws/chat");
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(
+        v["answers"],
+        serde_json::json!([
+            "HELLO TUNNEL",
+            "KEY AKIAIOSFODNN7EXAMPLE IN THREE FRAGMENTS",
+            1024
+        ]),
+        "relayed unchanged both ways"
+    );
+    assert_eq!(
+        v["extensions"],
+        Value::Null,
+        "no compression negotiated: {v}"
+    );
+    let headers = std::fs::read_to_string(&log)?;
+    assert!(!headers.contains(&env.agent_token), "{headers}");
+    assert!(!headers.contains("sec-websocket-extensions"), "{headers}");
+    assert!(headers.contains("\"upgrade\": \"websocket\""), "{headers}");
+    // The handshake is still authorized first.
+    let (code, v) = client("/ws/admin/chat");
+    assert_eq!((code, &v["status"]), (3, &serde_json::json!(403)), "{v}");
+
+    let t0 = Instant::now();
+    let record = loop {
+        let recs = env.audit(&["--connection", "ws", "--kind", "command_completed"])?;
+        let found = recs.iter().find_map(|r| {
+            let c = &event(r)["payload"]["command_completed"];
+            let x = c["result_excerpt"].as_str().unwrap_or("");
+            (c["status"] == 101 && x.contains("> close")).then(|| x.to_string())
+        });
+        if let Some(x) = found {
+            break x;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "{recs:#?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        // websockets ends a fragmented message with an empty final frame: 3 fragments, 4 frames.
+        record.starts_with("upgraded connection (websocket): 5 messages in 8 frames"),
+        "{record}"
+    );
+    for line in [
+        "> text: hello tunnel\n",
+        "< text: HELLO TUNNEL\n",
+        " in three fragments (4 frames)\n",
+        "> binary: 1024 bytes\n",
+        "< binary: 1024 bytes\n",
+        "> ping: 13 bytes\n",
+        "< pong: 13 bytes\n",
+        "> close: 1000 done\n",
+        "< close: 1000 done\n",
+    ] {
+        assert!(record.contains(line), "{line:?} missing from {record}");
+    }
+    assert!(
+        !record.contains("AKIAIOSF") && !record.contains("ODNN7EXAMPLE"),
+        "a secret split across fragments is masked in the record: {record}"
+    );
+    Ok(())
+}
+
 /// The same API through a Rust client (hyper): allowed and masked, denied, and the injected
 /// credential never shown.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,6 +17,7 @@
 //! - [`secrets`]: AEAD encryption of connection credentials at rest.
 //! - [`oidc`]: OIDC JWT verification against the identity provider's JWKS (file or URL).
 //! - [`telemetry`]: the `[telemetry]` configuration: where spans go over OTLP, if anywhere.
+//! - [`ws`]: a passive WebSocket frame reader for the transcripts of upgraded HTTP connections.
 #![forbid(unsafe_code)]
 
 pub mod audit;
@@ -31,5 +32,6 @@ pub mod policy;
 pub mod secrets;
 pub mod telemetry;
 pub mod token;
+pub mod ws;
 
 pub use custos_proto as proto;

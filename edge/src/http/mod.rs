@@ -14,6 +14,7 @@
 
 pub mod classify;
 mod respond;
+mod tunnel;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -355,6 +356,7 @@ impl HttpEdge {
         } else {
             None
         };
+        let websocket = upgrade.is_some() && respond::is_websocket(req.headers());
         let mode = match AuditMode::of(&conn) {
             Ok(m) => m,
             Err(e) => {
@@ -661,6 +663,10 @@ impl HttpEdge {
                                 r.headers_mut().insert(h, v.clone());
                             }
                         }
+                        // Compressed frames could not be transcribed: offer no extensions.
+                        if websocket {
+                            r.headers_mut().remove(header::SEC_WEBSOCKET_EXTENSIONS);
+                        }
                     }
                     r
                 }
@@ -739,7 +745,7 @@ impl HttpEdge {
         };
         if let Some(client_side) = upgrade {
             if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                return self.upgraded(resp, client_side, origin, command_id, started);
+                return self.upgraded(resp, client_side, websocket, origin, command_id, started);
             }
         }
         let tools_list: Vec<serde_json::Value> = mcp
@@ -795,11 +801,12 @@ impl HttpEdge {
     }
 
     /// The upstream switched protocols (WebSocket …): answer 101 and relay bytes both ways,
-    /// recording how many went each way when the tunnel closes.
+    /// recording what went each way (a WebSocket's messages, see [`tunnel`]) when it closes.
     fn upgraded(
         self: &Arc<Self>,
         mut resp: Response<Incoming>,
         client_side: hyper::upgrade::OnUpgrade,
+        websocket: bool,
         origin: Origin,
         command_id: String,
         started: Instant,
@@ -825,17 +832,12 @@ impl HttpEdge {
                     return;
                 }
             };
-            let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
-            let res = tokio::io::copy_bidirectional(&mut c, &mut u).await;
-            let (error, sent, received) = match res {
-                Ok((a, b)) => (None, a, b),
-                Err(e) => (Some(format!("the tunnel broke: {e}")), 0, 0),
-            };
+            let out = tunnel::relay(TokioIo::new(c), TokioIo::new(u), websocket).await;
             let cap = respond::Captured {
-                head: format!("upgraded connection: {sent} bytes from the client, {received} bytes from the upstream").into_bytes(),
+                head: out.record,
                 tail: Vec::new(),
-                bytes: received,
-                truncated: false,
+                bytes: out.from_upstream,
+                truncated: out.truncated,
                 llm: false,
             };
             edge.complete(
@@ -843,7 +845,7 @@ impl HttpEdge {
                 &command_id,
                 started,
                 101,
-                error,
+                out.error,
                 cap,
                 Stats::default(),
             )

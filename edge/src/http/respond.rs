@@ -143,6 +143,16 @@ pub fn is_upgrade(h: &HeaderMap) -> bool {
     h.contains_key(header::UPGRADE)
 }
 
+/// Whether an upgrade request asks for a WebSocket.
+pub fn is_websocket(h: &HeaderMap) -> bool {
+    h.get_all(header::UPGRADE).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|p| p.trim().eq_ignore_ascii_case("websocket"))
+        })
+    })
+}
+
 pub fn cap(s: &str, n: usize) -> String {
     if s.len() <= n {
         return s.to_string();
