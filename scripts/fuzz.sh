@@ -60,11 +60,16 @@ else
   mapfile -t targets < <(cargo "${tc[@]}" fuzz list)
 fi
 
-# Release build with debug assertions and ASan, all targets at once (cargo-fuzz's defaults).
+# Release build with debug assertions and ASan, all targets at once. cargo-fuzz compiles every
+# crate as one codegen unit by default: the fastest fuzzing, but no parallelism in LLVM, and with
+# opt-level 3 a cold build took 41 minutes here. Brief runs (CI) build with 16 units and
+# fuzz/Cargo.toml's opt-level 1; for long runs use
+#   CUSTOS_FUZZ_CGU=1 CARGO_PROFILE_RELEASE_OPT_LEVEL=3 ./scripts/fuzz.sh 600
+cgu="${CUSTOS_FUZZ_CGU:-16}"
 build_start=$(date +%s)
-nice -n 19 cargo "${tc[@]}" fuzz build
+nice -n 19 cargo "${tc[@]}" fuzz build --codegen-units "$cgu"
 build_secs=$(($(date +%s) - build_start))
-echo "build: ${#targets[@]} targets in ${build_secs} s (target dir $CARGO_TARGET_DIR)"
+echo "build: ${#targets[@]} targets in ${build_secs} s (codegen units $cgu, opt-level ${CARGO_PROFILE_RELEASE_OPT_LEVEL:-1}, target dir $CARGO_TARGET_DIR)"
 
 bin_dir="$CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/release"
 mkdir -p "$logs"
