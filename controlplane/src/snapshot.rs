@@ -225,8 +225,16 @@ impl<R: Read> Reader<R> {
                 offset: at,
             });
         }
-        let mut v = vec![0u8; len];
-        self.fill(&mut v)?;
+        // Grown as the bytes arrive, not reserved from the declared length: a damaged length
+        // costs no more memory than the file holds.
+        let mut v = Vec::new();
+        match (&mut self.inner).take(len as u64).read_to_end(&mut v) {
+            Ok(n) if n == len => {}
+            Ok(n) => return Err(FormatError::Truncated(self.offset + n as u64)),
+            Err(e) => return Err(FormatError::Io(e)),
+        }
+        self.offset += len as u64;
+        self.hasher.update(&v);
         Ok(v)
     }
 

@@ -53,7 +53,10 @@ fn read(bytes: &[u8], sizes: &[u8], keep: usize) -> (Vec<Message>, Result<(), Fr
         res = now;
     }
     for m in &out {
-        assert!(m.data.len() <= keep && m.data.len() as u64 <= m.len, "{m:?}");
+        assert!(
+            m.data.len() <= keep && m.data.len() as u64 <= m.len,
+            "{m:?}"
+        );
     }
     (out, res)
 }
