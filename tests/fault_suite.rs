@@ -548,7 +548,8 @@ fn read_back(cluster: &LocalCluster) -> (f64, f64) {
                     &format!("custos_ingest_events_total{{result=\"{result}\"}}"),
                 )
             })
-            .sum()
+            // From 0.0: an empty f64 sum is -0.0, which prints as "-0".
+            .fold(0.0, |a, b| a + b)
     };
     (sum("filled"), sum("lost"))
 }
