@@ -812,6 +812,9 @@ impl HttpEdge {
         started: Instant,
     ) -> Response<Body> {
         let upstream_side = hyper::upgrade::on(&mut resp);
+        // Read frames only when the upstream switched to a WebSocket, not to another protocol
+        // the client also offered.
+        let websocket = websocket && respond::is_websocket(resp.headers());
         let (parts, _) = resp.into_parts();
         let edge = self.clone();
         tokio::spawn(async move {

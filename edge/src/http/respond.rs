@@ -859,6 +859,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn websocket_upgrades_are_told_from_other_protocols() {
+        let h = |v: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::UPGRADE, v.parse().unwrap());
+            m
+        };
+        assert!(is_websocket(&h("websocket")));
+        assert!(is_websocket(&h("WebSocket")));
+        assert!(is_websocket(&h("h2c, websocket")));
+        assert!(!is_websocket(&h("h2c")));
+        assert!(!is_websocket(&h("websocketx")));
+        assert!(!is_websocket(&HeaderMap::new()));
+    }
+
+    #[test]
     fn hop_by_hop_headers_are_dropped() {
         let mut h = HeaderMap::new();
         h.insert("connection", HeaderValue::from_static("close, x-private"));
