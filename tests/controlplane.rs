@@ -252,16 +252,14 @@ async fn tampering_with_a_stored_record_is_detected_and_named() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_events_are_parked_and_do_not_block_ingest() -> Result<()> {
-    let nats = Nats::start()?;
-    let root = tempfile::tempdir()?;
-    let opts = ClusterOpts {
-        nats_url: Some(nats.url()),
-        ..Default::default()
-    };
-    let mut nodes = cluster(root.path(), &[1], &[1], &opts)?;
-    nodes[0].spawn()?;
-    let server = nodes[0].server();
-    let (bus, origin) = publisher(&nats, "bob", "db").await?;
+    let OneNode {
+        nodes: _nodes,
+        server,
+        bus,
+        origin,
+        _root,
+        _nats,
+    } = one_node_over_nats().await?;
     let js = bus.jetstream().clone();
     let mut good = 0;
     for i in 0..60 {
@@ -338,16 +336,14 @@ async fn malformed_events_are_parked_and_do_not_block_ingest() -> Result<()> {
 /// recorded as lost and makes `audit verify` fail, naming the cause.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_the_consumer_skipped_are_read_back_and_a_lost_one_fails_verify() -> Result<()> {
-    let nats = Nats::start()?;
-    let root = tempfile::tempdir()?;
-    let opts = ClusterOpts {
-        nats_url: Some(nats.url()),
-        ..Default::default()
-    };
-    let mut nodes = cluster(root.path(), &[1], &[1], &opts)?;
-    nodes[0].spawn()?;
-    let server = nodes[0].server();
-    let (bus, origin) = publisher(&nats, "bob", "db").await?;
+    let OneNode {
+        mut nodes,
+        server,
+        bus,
+        origin,
+        _root,
+        _nats,
+    } = one_node_over_nats().await?;
     let mut ids = Vec::new();
     let mut publish = |n: usize| {
         let evs: Vec<_> = (0..n)
@@ -438,6 +434,38 @@ async fn events_the_consumer_skipped_are_read_back_and_a_lost_one_fails_verify()
     Ok(())
 }
 
+/// One control-plane node ingesting from a private nats-server, and a publisher on that server.
+/// Fields drop in order: the node before the directory and the server it uses.
+struct OneNode {
+    nodes: Vec<NodeProc>,
+    server: String,
+    bus: NatsBus,
+    origin: Origin,
+    _root: tempfile::TempDir,
+    _nats: Nats,
+}
+
+async fn one_node_over_nats() -> Result<OneNode> {
+    let nats = Nats::start()?;
+    let root = tempfile::tempdir()?;
+    let opts = ClusterOpts {
+        nats_url: Some(nats.url()),
+        ..Default::default()
+    };
+    let mut nodes = cluster(root.path(), &[1], &[1], &opts)?;
+    nodes[0].spawn()?;
+    let server = nodes[0].server();
+    let (bus, origin) = publisher(&nats, "bob", "db").await?;
+    Ok(OneNode {
+        nodes,
+        server,
+        bus,
+        origin,
+        _root: root,
+        _nats: nats,
+    })
+}
+
 /// Wait until the server has dropped a killed node's waiting pull request (it expires after the
 /// ingest's 200 ms fetch wait): a message it took would be pending on a dead client.
 async fn pull_expired(bus: &NatsBus) -> Result<()> {
@@ -499,16 +527,14 @@ async fn side_take(bus: &NatsBus, n: usize) -> Result<Vec<u64>> {
 /// holds more than was received) and reads the tail back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_skipped_tail_is_read_back_while_the_bus_is_idle() -> Result<()> {
-    let nats = Nats::start()?;
-    let root = tempfile::tempdir()?;
-    let opts = ClusterOpts {
-        nats_url: Some(nats.url()),
-        ..Default::default()
-    };
-    let mut nodes = cluster(root.path(), &[1], &[1], &opts)?;
-    nodes[0].spawn()?;
-    let server = nodes[0].server();
-    let (bus, origin) = publisher(&nats, "bob", "db").await?;
+    let OneNode {
+        mut nodes,
+        server,
+        bus,
+        origin,
+        _root,
+        _nats,
+    } = one_node_over_nats().await?;
     let mut ids = Vec::new();
     for i in 0..7 {
         if i == 3 {

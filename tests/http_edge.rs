@@ -166,6 +166,21 @@ fn wait_served(env: &EdgeEnv, path: &str) -> Result<()> {
     }
 }
 
+/// Put an `http` connection `name` to the upstream on `port` and wait until the edge serves it.
+fn http_connection(env: &EdgeEnv, name: &str, port: u16) -> Result<()> {
+    put_connection(
+        env,
+        &[
+            name,
+            "--kind",
+            "http",
+            "--address",
+            &format!("http://127.0.0.1:{port}"),
+        ],
+    )?;
+    wait_served(env, &format!("/{name}/x"))
+}
+
 fn event(v: &Value) -> &Value {
     &v["unmapped"]["custos"]["event"]
 }
@@ -792,17 +807,7 @@ fn upgraded_connections_are_relayed_after_authorization() -> Result<()> {
         "--port",
         &port.to_string(),
     ])?;
-    put_connection(
-        &env,
-        &[
-            "ws",
-            "--kind",
-            "http",
-            "--address",
-            &format!("http://127.0.0.1:{port}"),
-        ],
-    )?;
-    wait_served(&env, "/ws/x")?;
+    http_connection(&env, "ws", port)?;
     let open = |path: &str| -> Result<(String, std::net::TcpStream)> {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", env.http_port))?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -865,17 +870,7 @@ fn websocket_messages_are_relayed_and_transcribed() -> Result<()> {
         "--log",
         log.to_str().unwrap(),
     ])?;
-    put_connection(
-        &env,
-        &[
-            "ws",
-            "--kind",
-            "http",
-            "--address",
-            &format!("http://127.0.0.1:{port}"),
-        ],
-    )?;
-    wait_served(&env, "/ws/x")?;
+    http_connection(&env, "ws", port)?;
     let client = |path: &str| -> (i32, Value) {
         let out = Command::new("python3")
             .arg(py("ws_client.py"))
