@@ -15,54 +15,19 @@
 //! - `Writer::msg` output read back through the reader gives the same messages.
 #![no_main]
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-
 use arbitrary::{Arbitrary, Unstructured};
 use custos_edge::pg::wire::{Reader, WireError, Writer, CHUNK};
-use custos_fuzz::{runtime, Trickle};
+use custos_fuzz::{arm, disarm, runtime, Counting, Trickle};
 use libfuzzer_sys::fuzz_target;
-
-/// Records the largest single allocation while armed.
-struct Counting;
-
-static ARMED: AtomicBool = AtomicBool::new(false);
-static LARGEST: AtomicUsize = AtomicUsize::new(0);
-
-fn note(size: usize) {
-    if ARMED.load(Ordering::Relaxed) {
-        LARGEST.fetch_max(size, Ordering::Relaxed);
-    }
-}
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note(layout.size());
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        note(layout.size());
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note(new_size);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
 
 #[global_allocator]
 static ALLOC: Counting = Counting;
 
 /// Run `f` and return the largest single allocation it made.
 async fn largest<T>(f: impl std::future::Future<Output = T>) -> (T, usize) {
-    LARGEST.store(0, Ordering::Relaxed);
-    ARMED.store(true, Ordering::Relaxed);
+    arm();
     let out = f.await;
-    ARMED.store(false, Ordering::Relaxed);
-    (out, LARGEST.load(Ordering::Relaxed))
+    (out, disarm())
 }
 
 /// Slack over the bounds: the reader's initial 16 KiB buffer and `bytes`' growth policy (a shared

@@ -16,11 +16,8 @@
 //! - a damaged one never does: every changed byte, every cut and any appended byte is an error.
 #![no_main]
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::io::Read;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-
 use arbitrary::{Arbitrary, Unstructured};
+use custos_fuzz::{arm, disarm, Counting, Trickle};
 use libfuzzer_sys::fuzz_target;
 
 #[allow(dead_code)]
@@ -29,68 +26,21 @@ mod snapshot;
 
 use snapshot::{verify, FormatError, Frame, Reader, Writer};
 
-/// Records the largest single allocation while armed.
-struct Counting;
-
-static ARMED: AtomicBool = AtomicBool::new(false);
-static LARGEST: AtomicUsize = AtomicUsize::new(0);
-
-fn note(size: usize) {
-    if ARMED.load(Ordering::Relaxed) {
-        LARGEST.fetch_max(size, Ordering::Relaxed);
-    }
-}
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note(layout.size());
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        note(layout.size());
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note(new_size);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
 #[global_allocator]
 static ALLOC: Counting = Counting;
 
-/// Hands out at most `step` bytes per read.
-struct Trickle<'a> {
-    data: &'a [u8],
-    step: usize,
-}
-
-impl Read for Trickle<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.step.min(buf.len()).min(self.data.len());
-        buf[..n].copy_from_slice(&self.data[..n]);
-        self.data = &self.data[n..];
-        Ok(n)
-    }
-}
-
 /// Read `bytes` through: the frames, and the summary or the error; asserts the memory bound.
 fn read_all(bytes: &[u8], step: usize) -> (Vec<Frame>, Result<snapshot::Summary, FormatError>) {
-    LARGEST.store(0, Ordering::Relaxed);
-    ARMED.store(true, Ordering::Relaxed);
+    arm();
     let mut frames = Vec::new();
     let res = (|| {
-        let mut r = Reader::new(Trickle { data: bytes, step })?;
+        let mut r = Reader::new(Trickle::new(bytes, step))?;
         while let Some(f) = r.next_frame()? {
             frames.push(f);
         }
         Ok(r.summary().expect("set at the end"))
     })();
-    ARMED.store(false, Ordering::Relaxed);
-    let largest = LARGEST.load(Ordering::Relaxed);
+    let largest = disarm();
     // `frames` itself grows by doubling: count its buffer in the bound.
     let bound = 2 * bytes.len() + 64 * 1024 + 2 * frames.capacity() * std::mem::size_of::<Frame>();
     assert!(
@@ -133,7 +83,7 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(s2, summary);
         }
         // `verify` is the same reading.
-        let v = verify(Trickle { data: raw, step }, |_| Ok::<(), FormatError>(()));
+        let v = verify(Trickle::new(raw, step), |_| Ok::<(), FormatError>(()));
         assert_eq!(v.is_ok(), res.is_ok());
         return;
     }

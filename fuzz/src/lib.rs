@@ -1,8 +1,10 @@
 //! Helpers shared by the fuzz targets in `fuzz_targets/`: a runtime for the async wire reader, a
-//! reader that hands out bytes a few at a time, fuzzer-chosen chunkings, the default masker, and
+//! reader that hands out bytes a few at a time, an allocator that records the largest allocation, fuzzer-chosen chunkings, the default masker, and
 //! small reference models (an SSE client's view of a stream).
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::task::{Context, Poll};
 
@@ -63,6 +65,61 @@ impl AsyncRead for Trickle<'_> {
         self.delivered.set(self.pos);
         Poll::Ready(Ok(()))
     }
+}
+
+impl std::io::Read for Trickle<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.step.min(buf.len()).min(self.data.len() - self.pos);
+        buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+        self.pos += n;
+        self.delivered.set(self.pos);
+        Ok(n)
+    }
+}
+
+/// A global allocator that records the largest single allocation made while armed. A target
+/// that bounds memory declares `#[global_allocator] static ALLOC: Counting = Counting;` and wraps
+/// the code under test in [`arm`] and [`disarm`].
+pub struct Counting;
+
+static ARMED: AtomicBool = AtomicBool::new(false);
+static LARGEST: AtomicUsize = AtomicUsize::new(0);
+
+fn note(size: usize) {
+    if ARMED.load(Ordering::Relaxed) {
+        LARGEST.fetch_max(size, Ordering::Relaxed);
+    }
+}
+
+// SAFETY: every call is forwarded unchanged to the system allocator; only sizes are recorded.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        note(layout.size());
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        note(layout.size());
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        note(new_size);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+/// Start recording the largest allocation (from 0).
+pub fn arm() {
+    LARGEST.store(0, Ordering::Relaxed);
+    ARMED.store(true, Ordering::Relaxed);
+}
+
+/// Stop recording; the largest allocation since [`arm`].
+pub fn disarm() -> usize {
+    ARMED.store(false, Ordering::Relaxed);
+    LARGEST.load(Ordering::Relaxed)
 }
 
 /// Most pieces [`chunks`] makes: the last one takes the rest. Pushing a 4 KiB input a byte at a
