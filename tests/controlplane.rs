@@ -386,17 +386,7 @@ async fn events_the_consumer_skipped_are_read_back_and_a_lost_one_fails_verify()
     let stream = bus.jetstream().get_stream("CUSTOS_EVENTS").await?;
     assert!(stream.delete_message(10).await?);
     nodes[0].spawn()?;
-    eventually(
-        Duration::from_secs(30),
-        "the skipped events read back and committed",
-        || {
-            let server = server.clone();
-            async move { head(&server).await >= 10 }
-        },
-    )
-    .await?;
-    let recs = client(&server).await.search_after(0, 100).await?;
-    let got: Vec<String> = recs.iter().map(|r| r.event_id.clone()).collect();
+    let got = committed_ids(&server, 10, "the skipped events read back and committed").await?;
     let mut want = ids.clone();
     want.remove(9); // sequence 10
     assert_eq!(
@@ -464,6 +454,17 @@ async fn one_node_over_nats() -> Result<OneNode> {
         _root: root,
         _nats: nats,
     })
+}
+
+/// Wait until `server`'s log holds at least `n` records; their event ids, in log order.
+async fn committed_ids(server: &str, n: u64, what: &str) -> Result<Vec<String>> {
+    eventually(Duration::from_secs(30), what, || {
+        let server = server.to_string();
+        async move { head(&server).await >= n }
+    })
+    .await?;
+    let recs = client(server).await.search_after(0, 100).await?;
+    Ok(recs.iter().map(|r| r.event_id.clone()).collect())
 }
 
 /// Wait until the server has dropped a killed node's waiting pull request (it expires after the
@@ -556,17 +557,7 @@ async fn a_skipped_tail_is_read_back_while_the_bus_is_idle() -> Result<()> {
     }
     assert_eq!(side_take(&bus, 4).await?, (4..=7).collect::<Vec<u64>>());
     nodes[0].spawn()?;
-    eventually(
-        Duration::from_secs(30),
-        "the skipped tail read back and committed",
-        || {
-            let server = server.clone();
-            async move { head(&server).await >= 7 }
-        },
-    )
-    .await?;
-    let recs = client(&server).await.search_after(0, 100).await?;
-    let got: Vec<String> = recs.iter().map(|r| r.event_id.clone()).collect();
+    let got = committed_ids(&server, 7, "the skipped tail read back and committed").await?;
     assert_eq!(got, ids, "every event once, in stream order");
     let v = client(&server).await.verify().await?;
     assert!(v.ok && v.checked == 7, "{v:?}");

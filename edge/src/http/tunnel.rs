@@ -167,18 +167,16 @@ where
         tokio::pin!(a, b);
         // A direction that ends cleanly half-closes; the other runs on. One that breaks ends
         // the tunnel.
-        let (first, rest) = tokio::select! {
-            r = &mut a => (r.map_err(|e| ("client", e)), Either::B(b)),
-            r = &mut b => (r.map_err(|e| ("upstream", e)), Either::A(a)),
+        let first = tokio::select! {
+            r = &mut a => r.map_err(|e| ("client", e)).map(|()| true),
+            r = &mut b => r.map_err(|e| ("upstream", e)).map(|()| false),
         };
-        match first {
-            Err((from, e)) => Some(format!("the tunnel broke reading from the {from}: {e}")),
-            Ok(()) => match rest {
-                Either::A(a) => a.await.err().map(|e| ("client", e)),
-                Either::B(b) => b.await.err().map(|e| ("upstream", e)),
-            }
-            .map(|(from, e)| format!("the tunnel broke reading from the {from}: {e}")),
-        }
+        let broke = match first {
+            Err(broke) => Some(broke),
+            Ok(true) => (&mut b).await.err().map(|e| ("upstream", e)),
+            Ok(false) => (&mut a).await.err().map(|e| ("client", e)),
+        };
+        broke.map(|(from, e)| format!("the tunnel broke reading from the {from}: {e}"))
     };
     let t = transcript.into_inner();
     let kind = if websocket { " (websocket)" } else { "" };
@@ -195,11 +193,6 @@ where
         from_upstream: down.bytes,
         error,
     }
-}
-
-enum Either<A, B> {
-    A(A),
-    B(B),
 }
 
 #[cfg(test)]
