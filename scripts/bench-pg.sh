@@ -9,6 +9,7 @@
 #     the control plane is restarted afterwards and ingests the backlog.
 #   PERF_EDGE=FILE ./scripts/bench-pg.sh …   also samples the edge with perf (perf report -i FILE).
 #   PERF_CP=FILE ./scripts/bench-pg.sh …   also samples the control plane with perf.
+#   PERF_NATS=FILE ./scripts/bench-pg.sh …   also samples nats-server with perf.
 #   BENCH_SIEM=off ./scripts/bench-pg.sh …   turns the control plane's SIEM republish off ([siem]
 #     enabled = false), to see what that feed costs NATS and the control plane.
 #   EDGE_WORKERS=N ./scripts/bench-pg.sh …   runs the edge with N tokio worker threads (default: one
@@ -106,6 +107,9 @@ if [ -n "${PERF_EDGE:-}" ]; then
 fi
 if [ -n "${PERF_CP:-}" ]; then
   perf record -q -F 499 -g -p "$cp_pid" -o "$PERF_CP" >/dev/null 2>&1 & perf_pids+=($!)
+fi
+if [ -n "${PERF_NATS:-}" ]; then
+  perf record -q -F 499 -g -p "${pids[0]}" -o "$PERF_NATS" >/dev/null 2>&1 & perf_pids+=($!)
 fi
 "$BIN/custos-loadtest" pgbench \
   --target "custos-strict=postgresql://bench:$TOKEN@127.0.0.1:$EDGE_PORT/bench-strict?sslmode=disable" \

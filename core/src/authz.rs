@@ -162,6 +162,9 @@ pub struct Engine {
     /// again. Keyed by a digest so the cache keeps no request text, and a collision-resistant
     /// one so no crafted request can take another's decision.
     decisions: parking_lot::Mutex<HashMap<[u8; 32], Decision>>,
+    /// The policy set as Cedar's JSON form, to tell which context attributes it can read (see
+    /// [`Engine::reads`]); `None` when it could not be written out, and then every one counts.
+    json: Option<String>,
 }
 
 /// Identity, groups, connection, kind, environment, and the tool of an `mcp:call`.
@@ -188,6 +191,7 @@ fn decision_key(
     target: &Target<'_>,
     action: &str,
     context: &[(&str, Value)],
+    reads: impl Fn(&str) -> bool,
 ) -> [u8; 32] {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
@@ -213,6 +217,12 @@ fn decision_key(
     put(&(context.len() as u64).to_le_bytes());
     for (k, v) in context {
         put(k.as_bytes());
+        if !reads(k) {
+            // No policy can see this value, so it cannot change the decision: requests that
+            // differ only here (a statement's text, say) share one.
+            put(b"_");
+            continue;
+        }
         match v {
             Value::Str(s) => {
                 put(b"s");
@@ -239,6 +249,7 @@ impl Clone for Engine {
             entities: Default::default(),
             shapes: Default::default(),
             decisions: Default::default(),
+            json: self.json.clone(),
         }
     }
 }
@@ -272,7 +283,9 @@ impl Engine {
                 .collect::<Vec<_>>()
         })?;
         check_annotations(&v.set)?;
+        let json = v.set.clone().to_json().ok().map(|j| j.to_string());
         Ok(Engine {
+            json,
             set: v.set,
             version,
             entities: Default::default(),
@@ -346,6 +359,20 @@ impl Engine {
         Ok(entities)
     }
 
+    /// Whether some policy can read the context attribute `attr`. Cedar reaches a record's
+    /// attribute only by naming it in the policy (`context.text`, `context["text"]`, `context has
+    /// text`, a record literal to compare with; there is no computed attribute name), and the
+    /// JSON form writes every such name as a JSON string of its own, escapes resolved. So a
+    /// policy set whose JSON holds no string equal to the name cannot read it. The same string
+    /// anywhere else (a literal, a record key) counts as a read too: this errs only towards
+    /// deciding again.
+    pub fn reads(&self, attr: &str) -> bool {
+        let (Some(json), Ok(quoted)) = (self.json.as_deref(), serde_json::to_string(attr)) else {
+            return true;
+        };
+        json.contains(&quoted)
+    }
+
     /// Decide one action. `context` must carry every attribute the action's context type declares.
     pub fn authorize(
         &self,
@@ -354,7 +381,10 @@ impl Engine {
         action: &str,
         context: &[(&str, Value)],
     ) -> Decision {
-        let key = decision_key(who, target, action, context);
+        // `tool` names the resource of an `mcp:call` (see `evaluate`), so it always counts.
+        let key = decision_key(who, target, action, context, |attr| {
+            attr == "tool" || self.reads(attr)
+        });
         if let Some(d) = self.decisions.lock().get(&key) {
             return d.clone();
         }
@@ -603,6 +633,47 @@ when { resource has environment && resource.environment == "production" };
             &decide(&e, &["agen", "ts"], None, "SELECT * FROM orders")[0],
             Decision::Deny { .. }
         ));
+    }
+
+    #[test]
+    fn a_value_no_policy_reads_does_not_split_the_decision_cache() {
+        // POLICY never names `text`: statements differing only in their text share a decision.
+        let e = Engine::new(POLICY, 1).unwrap();
+        assert!(!e.reads("text"));
+        assert!(e.reads("has_where") && e.reads("functions"));
+        for id in 0..50 {
+            let sql = format!("SELECT abalance FROM orders WHERE aid = {id}");
+            assert!(matches!(
+                &decide(&e, &["agents"], None, &sql)[0],
+                Decision::Allow { .. }
+            ));
+        }
+        assert_eq!(e.decisions.lock().len(), 1);
+
+        // Every way Cedar can name the attribute counts as reading it, escapes included, and
+        // then each text is decided on its own.
+        let reading = [
+            r#"context.text like "*DROP*""#,
+            r#"context["text"] like "*DROP*""#,
+            r#"context["t\u{65}xt"] like "*DROP*""#,
+            r#"context has text && context.text like "*DROP*""#,
+        ];
+        for cond in reading {
+            let policy = format!(
+                "{POLICY}\n@id(\"no-drop-text\")\nforbid (principal, action in Custos::Action::\"sql:all\", resource) when {{ {cond} }};"
+            );
+            let e = Engine::new(&policy, 2).unwrap_or_else(|errs| panic!("{cond}: {errs:?}"));
+            assert!(e.reads("text"), "{cond}");
+            assert!(matches!(
+                &decide(&e, &["agents"], None, "SELECT 1 FROM orders")[0],
+                Decision::Allow { .. }
+            ));
+            assert!(
+                matches!(&decide(&e, &["agents"], None, "SELECT 'DROP' FROM orders")[0], Decision::Deny { policies, .. } if policies == &["no-drop-text"]),
+                "{cond}"
+            );
+            assert_eq!(e.decisions.lock().len(), 2, "{cond}");
+        }
     }
 
     #[test]

@@ -409,6 +409,7 @@ impl NatsBus {
             cfg: self.cfg.clone(),
             durable: durable.to_string(),
             backlog: None,
+            pull: None,
         })
     }
 
@@ -739,6 +740,8 @@ pub struct NatsSource {
     durable: String,
     /// Messages the server still had for this consumer after the last fetch.
     backlog: Option<u64>,
+    /// The open pull ([`NatsSource::pull`]); `None` until the first fetch and after it failed.
+    pull: Option<pull::Stream>,
 }
 
 impl std::fmt::Debug for NatsSource {
@@ -768,73 +771,117 @@ impl NatsSource {
         }
     }
 
+    /// The consumer's persistent pull: one subscription for the life of the source, topped up by
+    /// the client as it drains. A pull per fetch cost the broker a subscription, an unsubscription
+    /// and a JetStream API request for every handful of messages, and that showed as most of
+    /// nats-server's CPU in the Postgres benchmark.
+    async fn pull(&mut self) -> Result<&mut pull::Stream, BusError> {
+        if self.pull.is_none() {
+            let bound = self.cfg.publish_timeout();
+            let request = self
+                .consumer
+                .stream()
+                .max_messages_per_batch(PULL_BATCH)
+                .expires(PULL_EXPIRES)
+                .heartbeat(PULL_HEARTBEAT)
+                .messages();
+            let stream = match tokio::time::timeout(bound, request).await {
+                Err(_elapsed) => {
+                    return Err(BusError::Timeout {
+                        what: format!(
+                            "JetStream answer opening a pull on consumer {} of stream {}",
+                            self.durable, self.cfg.stream
+                        ),
+                        after: bound,
+                    })
+                }
+                Ok(Err(e)) => {
+                    return Err(self.unavailable(format!(
+                        "pulling from consumer {} of stream {}: {e}",
+                        self.durable, self.cfg.stream
+                    )))
+                }
+                Ok(Ok(s)) => s,
+            };
+            self.pull = Some(stream);
+        }
+        Ok(self.pull.as_mut().expect("set above"))
+    }
+
     async fn fetch_inner(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>, BusError> {
         if max == 0 {
             return Ok(Vec::new());
         }
-        // `fetch` is a no-wait pull: with `expires` the server holds it until at least one
-        // message is there (or `expires`), then ends it as soon as nothing more is pending,
-        // instead of waiting to fill `max`.
-        let mut request = self.consumer.fetch().max_messages(max);
-        if !wait.is_zero() {
-            request = request.expires(wait);
+        let mut out = Vec::new();
+        let mut backlog = None;
+        let mut failed = None;
+        {
+            let cfg = self.cfg.clone();
+            let pull = match self.pull().await {
+                Ok(p) => p,
+                Err(e) => {
+                    self.backlog = None;
+                    return Err(e);
+                }
+            };
+            // Wait up to `wait` for the first message, then take only what is already here: the
+            // caller commits a batch as soon as it has one instead of waiting to fill `max`.
+            let mut next = tokio::time::timeout(wait, pull.next()).await.ok();
+            while let Some(item) = next.take() {
+                match item {
+                    None => {
+                        failed = Some("the pull ended".to_string());
+                        break;
+                    }
+                    Some(Err(e)) => {
+                        // A missed heartbeat, a lost connection, or a status from the server
+                        // ending the pull (e.g. 409 leadership change or consumer deleted). What
+                        // arrived before it is still handed over; the pull is opened anew.
+                        failed = Some(e.to_string());
+                        break;
+                    }
+                    Some(Ok(message)) => {
+                        let info = message.info().ok();
+                        backlog = info.as_ref().map(|i| i.pending);
+                        let seq = info.map_or(0, |i| i.stream_sequence);
+                        let mut events = unbatch(&message.subject, &message.payload);
+                        // Every event but the last of a batch: the message is acked with the last.
+                        let last = events.pop();
+                        out.extend(events.into_iter().map(|(subject, data)| Delivery {
+                            seq,
+                            data,
+                            subject,
+                            acker: super::Acker::InBatch,
+                        }));
+                        if let Some((subject, data)) = last {
+                            out.push(Delivery {
+                                seq,
+                                data,
+                                subject,
+                                acker: super::Acker::Nats(Box::new(Acker {
+                                    message,
+                                    cfg: cfg.clone(),
+                                })),
+                            });
+                        }
+                    }
+                }
+                if out.len() >= max {
+                    break;
+                }
+                next = futures::FutureExt::now_or_never(pull.next());
+            }
         }
-        // Everything below is bounded even if the server never answers the pull.
-        let deadline = tokio::time::Instant::now() + wait + self.cfg.publish_timeout();
-        let mut batch = match tokio::time::timeout_at(deadline, request.messages()).await {
-            Err(_elapsed) => return Ok(Vec::new()),
-            Ok(Err(e)) => {
+        if let Some(e) = failed {
+            self.pull = None;
+            if out.is_empty() {
                 self.backlog = None;
                 return Err(self.unavailable(format!(
                     "pulling from consumer {} of stream {}: {e}",
                     self.durable, self.cfg.stream
                 )));
             }
-            Ok(Ok(batch)) => batch,
-        };
-        let mut out = Vec::new();
-        let mut backlog = None;
-        loop {
-            match tokio::time::timeout_at(deadline, batch.next()).await {
-                Err(_) | Ok(None) => break,
-                Ok(Some(Ok(message))) => {
-                    let info = message.info().ok();
-                    backlog = info.as_ref().map(|i| i.pending);
-                    let seq = info.map_or(0, |i| i.stream_sequence);
-                    let mut events = unbatch(&message.subject, &message.payload);
-                    // Every event but the last of a batch: the message is acked with the last.
-                    let last = events.pop();
-                    out.extend(events.into_iter().map(|(subject, data)| Delivery {
-                        seq,
-                        data,
-                        subject,
-                        acker: super::Acker::InBatch,
-                    }));
-                    if let Some((subject, data)) = last {
-                        out.push(Delivery {
-                            seq,
-                            data,
-                            subject,
-                            acker: super::Acker::Nats(Box::new(Acker {
-                                message,
-                                cfg: self.cfg.clone(),
-                            })),
-                        });
-                    }
-                }
-                Ok(Some(Err(e))) => {
-                    // A status from the server ending the pull (e.g. 409 leadership change or
-                    // consumer deleted). What arrived before it is still handed over.
-                    if out.is_empty() {
-                        return Err(self.unavailable(format!(
-                            "pulling from consumer {} of stream {}: {e}",
-                            self.durable, self.cfg.stream
-                        )));
-                    }
-                    tracing::debug!(error = %e, "pull ended early");
-                    break;
-                }
-            }
+            tracing::debug!(error = %e, "pull ended early");
         }
         if out.is_empty() && self.client.connection_state() != State::Connected {
             self.backlog = None;
@@ -842,11 +889,20 @@ impl NatsSource {
                 "not connected to the server (the client keeps reconnecting)".into(),
             ));
         }
-        // An empty answer to a waiting pull means nothing was pending.
+        // Nothing for the whole wait on a live pull means nothing was pending.
         self.backlog = if out.is_empty() { Some(0) } else { backlog };
         Ok(out)
     }
 }
+
+/// Messages one pull request asks for; the client asks for more when half have arrived.
+const PULL_BATCH: usize = 256;
+/// How long one pull request stays open on the server before the client renews it. Short, so the
+/// pull of a control plane that died (or lost leadership) stops taking messages soon: what it took
+/// meanwhile waits out the ack wait, and the new leader reads such gaps back from the stream.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// The server's idle heartbeat on an open pull; two missed ones end the pull with an error.
+const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
 
 impl EventSource for NatsSource {
     fn fetch(
