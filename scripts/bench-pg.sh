@@ -38,8 +38,8 @@ trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; echo "nothing on port $1" >&2; exit 1; }
 
-NATS_PORT=$(port); CP_PORT=$(port); EDGE_PORT=$(port); CP_METRICS=$(port)
-nats-server -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$work/nats" >/dev/null 2>&1 & pids+=($!)
+NATS_PORT=$(port); CP_PORT=$(port); EDGE_PORT=$(port); CP_METRICS=$(port); NATS_MON=$(port)
+nats-server -js -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_MON" -sd "$work/nats" >/dev/null 2>&1 & pids+=($!)
 wait_port "$NATS_PORT"
 mkdir -p "$work/cp"
 echo -n bench-admin-token > "$work/admin.token"
@@ -101,6 +101,9 @@ if [ "${BENCH_CP:-on}" = off ]; then
   echo "control plane stopped for the runs" >&2
 fi
 before=(); for p in "${cpu_pids[@]}"; do before+=("$(cpu "$p")"); done
+# nats-server's message counters (client and internal JetStream traffic alike), before and after.
+nats_msgs() { curl -fsS "http://127.0.0.1:$NATS_MON/varz" 2>/dev/null | python3 -c 'import json,sys; v=json.load(sys.stdin); print(v["in_msgs"], v["out_msgs"])' || echo "0 0"; }
+read -r nats_in0 nats_out0 <<<"$(nats_msgs)"
 perf_pids=()
 if [ -n "${PERF_EDGE:-}" ]; then
   perf record -q -F 499 -g -p "$edge_pid" -o "$PERF_EDGE" >/dev/null 2>&1 & perf_pids+=($!)
@@ -123,6 +126,8 @@ for i in "${!cpu_pids[@]}"; do
   echo -n " ${names[$i]} $(awk -v a="$(cpu "${cpu_pids[$i]}")" -v b="${before[$i]}" 'BEGIN{printf "%.2f", a-b}')" >&2
 done
 echo >&2
+read -r nats_in1 nats_out1 <<<"$(nats_msgs)"
+echo "nats-server messages during the runs: $((nats_in1 - nats_in0)) in, $((nats_out1 - nats_out0)) out" >&2
 if [ "${BENCH_CP:-on}" = off ]; then
   CUSTOS_LOG=warn "$BIN/custos" controlplane --config "$work/cp.toml" 2>>"$work/cp.log" & pids+=($!)
   wait_port "$CP_PORT"

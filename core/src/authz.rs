@@ -162,9 +162,10 @@ pub struct Engine {
     /// again. Keyed by a digest so the cache keeps no request text, and a collision-resistant
     /// one so no crafted request can take another's decision.
     decisions: parking_lot::Mutex<HashMap<[u8; 32], Decision>>,
-    /// The policy set as Cedar's JSON form, to tell which context attributes it can read (see
-    /// [`Engine::reads`]); `None` when it could not be written out, and then every one counts.
-    json: Option<String>,
+    /// Every string in the policy set's JSON form (values and keys), to tell which context
+    /// attributes it can read (see [`Engine::reads`]); `None` when it could not be written out,
+    /// and then every attribute counts as read.
+    names: Option<HashSet<String>>,
 }
 
 /// Identity, groups, connection, kind, environment, and the tool of an `mcp:call`.
@@ -241,6 +242,23 @@ fn decision_key(
     h.finalize().into()
 }
 
+/// Collect every string of a JSON value: string values and object keys.
+fn json_strings(v: &serde_json::Value, out: &mut HashSet<String>) {
+    match v {
+        serde_json::Value::String(s) => {
+            out.insert(s.clone());
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|i| json_strings(i, out)),
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                out.insert(k.clone());
+                json_strings(v, out);
+            }
+        }
+        _ => {}
+    }
+}
+
 impl Clone for Engine {
     fn clone(&self) -> Self {
         Engine {
@@ -249,7 +267,7 @@ impl Clone for Engine {
             entities: Default::default(),
             shapes: Default::default(),
             decisions: Default::default(),
-            json: self.json.clone(),
+            names: self.names.clone(),
         }
     }
 }
@@ -283,9 +301,13 @@ impl Engine {
                 .collect::<Vec<_>>()
         })?;
         check_annotations(&v.set)?;
-        let json = v.set.clone().to_json().ok().map(|j| j.to_string());
+        let names = v.set.clone().to_json().ok().map(|j| {
+            let mut names = HashSet::new();
+            json_strings(&j, &mut names);
+            names
+        });
         Ok(Engine {
-            json,
+            names,
             set: v.set,
             version,
             entities: Default::default(),
@@ -367,10 +389,7 @@ impl Engine {
     /// anywhere else (a literal, a record key) counts as a read too: this errs only towards
     /// deciding again.
     pub fn reads(&self, attr: &str) -> bool {
-        let (Some(json), Ok(quoted)) = (self.json.as_deref(), serde_json::to_string(attr)) else {
-            return true;
-        };
-        json.contains(&quoted)
+        self.names.as_ref().is_none_or(|n| n.contains(attr))
     }
 
     /// Decide one action. `context` must carry every attribute the action's context type declares.
