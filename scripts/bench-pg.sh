@@ -12,6 +12,9 @@
 #   PERF_NATS=FILE ./scripts/bench-pg.sh …   also samples nats-server with perf.
 #   BENCH_SIEM=off ./scripts/bench-pg.sh …   turns the control plane's SIEM republish off ([siem]
 #     enabled = false), to see what that feed costs NATS and the control plane.
+#   NATS_GOMAXPROCS=N ./scripts/bench-pg.sh …   runs nats-server with GOMAXPROCS=N (default: one per
+#     CPU); Go's scheduler spins and sleeps between wake-ups, which on these shared cores costs
+#     more CPU than the messages do.
 #   EDGE_WORKERS=N ./scripts/bench-pg.sh …   runs the edge with N tokio worker threads (default: one
 #     per CPU).
 #   BENCH_BATCH=N ./scripts/bench-pg.sh …   the edge's [bus.nats] publish_batch_max (default 64; 1
@@ -39,7 +42,7 @@ port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); 
 wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; echo "nothing on port $1" >&2; exit 1; }
 
 NATS_PORT=$(port); CP_PORT=$(port); EDGE_PORT=$(port); CP_METRICS=$(port); NATS_MON=$(port)
-nats-server -js -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_MON" -sd "$work/nats" >/dev/null 2>&1 & pids+=($!)
+env ${NATS_GOMAXPROCS:+GOMAXPROCS=$NATS_GOMAXPROCS} nats-server -js -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_MON" -sd "$work/nats" >/dev/null 2>&1 & pids+=($!)
 wait_port "$NATS_PORT"
 mkdir -p "$work/cp"
 echo -n bench-admin-token > "$work/admin.token"
