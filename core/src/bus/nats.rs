@@ -773,8 +773,8 @@ impl NatsSource {
 
     /// The consumer's persistent pull: one subscription for the life of the source, topped up by
     /// the client as it drains. A pull per fetch cost the broker a subscription, an unsubscription
-    /// and a JetStream API request for every handful of messages, and that showed as most of
-    /// nats-server's CPU in the Postgres benchmark.
+    /// and a JetStream API request for every handful of messages (in the Postgres benchmark,
+    /// nats-server's CPU per statement fell from 138 to 112–116 µs with this change).
     async fn pull(&mut self) -> Result<&mut pull::Stream, BusError> {
         if self.pull.is_none() {
             let bound = self.cfg.publish_timeout();
@@ -895,7 +895,7 @@ impl NatsSource {
     }
 }
 
-/// Messages one pull request asks for; the client asks for more when half have arrived.
+/// Messages one pull request asks for; the client sends the next request before they run out.
 const PULL_BATCH: usize = 256;
 /// How long one pull request stays open on the server before the client renews it. Short, so the
 /// pull of a control plane that died (or lost leadership) stops taking messages soon: what it took
