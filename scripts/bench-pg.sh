@@ -13,8 +13,8 @@
 #   BENCH_SIEM=off ./scripts/bench-pg.sh …   turns the control plane's SIEM republish off ([siem]
 #     enabled = false), to see what that feed costs NATS and the control plane.
 #   NATS_GOMAXPROCS=N ./scripts/bench-pg.sh …   runs nats-server with GOMAXPROCS=N (default: one per
-#     CPU); Go's scheduler spins and sleeps between wake-ups, which on these shared cores costs
-#     more CPU than the messages do.
+#     CPU); Go's scheduler spins and sleeps between wake-ups, a large part of nats-server's CPU on
+#     these shared cores (docs/benchmarks.md).
 #   EDGE_WORKERS=N ./scripts/bench-pg.sh …   runs the edge with N tokio worker threads (default: one
 #     per CPU).
 #   BENCH_BATCH=N ./scripts/bench-pg.sh …   the edge's [bus.nats] publish_batch_max (default 64; 1
