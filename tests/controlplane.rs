@@ -317,11 +317,7 @@ async fn malformed_events_are_parked_and_do_not_block_ingest() -> Result<()> {
     .await?
     .await?;
     good += 1;
-    eventually(Duration::from_secs(30), "all good events committed", || {
-        let server = server.clone();
-        async move { head(&server).await >= good }
-    })
-    .await?;
+    head_reaches(&server, good, "all good events committed").await?;
     let v = client(&server).await.verify().await?;
     assert!(v.ok, "{v:?}");
     assert_eq!(v.checked, good);
@@ -356,19 +352,11 @@ async fn events_the_consumer_skipped_are_read_back_and_a_lost_one_fails_verify()
     for e in publish(5) {
         seqs.push(bus.publish(&e).await?.stream_seq);
     }
-    eventually(
-        Duration::from_secs(30),
-        "the first 5 events committed",
-        || {
-            let server = server.clone();
-            async move { head(&server).await >= 5 }
-        },
-    )
-    .await?;
+    head_reaches(&server, 5, "the first 5 events committed").await?;
     // The node goes down; 6 more events arrive while it is away. First wait until the server
-    // has dropped the dead node's waiting pull request (it expires after the ingest's 200 ms
-    // fetch wait): a message it took would be pending on a dead client, and the side consumer
-    // below would skip other sequences than 6..=10.
+    // has dropped the dead node's waiting pull request (it expires after 5 s): a message it took
+    // would be pending on a dead client, and the side consumer below would skip other sequences
+    // than 6..=10.
     nodes[0].kill();
     pull_expired(&bus).await?;
     for e in publish(6) {
@@ -458,17 +446,22 @@ async fn one_node_over_nats() -> Result<OneNode> {
 
 /// Wait until `server`'s log holds at least `n` records; their event ids, in log order.
 async fn committed_ids(server: &str, n: u64, what: &str) -> Result<Vec<String>> {
-    eventually(Duration::from_secs(30), what, || {
-        let server = server.to_string();
-        async move { head(&server).await >= n }
-    })
-    .await?;
+    head_reaches(server, n, what).await?;
     let recs = client(server).await.search_after(0, 100).await?;
     Ok(recs.iter().map(|r| r.event_id.clone()).collect())
 }
 
-/// Wait until the server has dropped a killed node's waiting pull request (it expires after the
-/// ingest's 200 ms fetch wait): a message it took would be pending on a dead client.
+/// Wait up to 30 s until the audit head on `server` reaches `n`.
+async fn head_reaches(server: &str, n: u64, what: &str) -> Result<()> {
+    eventually(Duration::from_secs(30), what, || {
+        let server = server.to_string();
+        async move { head(&server).await >= n }
+    })
+    .await
+}
+
+/// Wait until the server has dropped a killed node's waiting pull request (the ingest's pull
+/// requests expire after 5 s): a message it took would be pending on a dead client.
 async fn pull_expired(bus: &NatsBus) -> Result<()> {
     let mut consumer: async_nats::jetstream::consumer::PullConsumer = bus
         .jetstream()
@@ -539,15 +532,7 @@ async fn a_skipped_tail_is_read_back_while_the_bus_is_idle() -> Result<()> {
     let mut ids = Vec::new();
     for i in 0..7 {
         if i == 3 {
-            eventually(
-                Duration::from_secs(30),
-                "the first 3 events committed",
-                || {
-                    let server = server.clone();
-                    async move { head(&server).await >= 3 }
-                },
-            )
-            .await?;
+            head_reaches(&server, 3, "the first 3 events committed").await?;
             nodes[0].kill();
             pull_expired(&bus).await?;
         }
