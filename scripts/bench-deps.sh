@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what `custos-loadtest pgbench` needs besides PostgreSQL itself: pgbouncer and haproxy
-# (the baselines the edge is compared with) and pgbench/psql. The benchmark starts its own
+# (the baselines the edge is compared with) and pgbench/psql; and wrk, which
+# `scripts/bench-http.sh --client wrk` uses as an independent load generator. The benchmark starts its own
 # pgbouncer and haproxy on ephemeral ports, so the distro services are kept stopped and disabled:
 # nothing is left listening on 6432 or haproxy's default ports.
 #   ./scripts/bench-deps.sh
@@ -15,6 +16,7 @@ pkg_installed pgbouncer || need_pkgs+=(pgbouncer)
 pkg_installed haproxy || need_pkgs+=(haproxy)
 have pgbench || [ -n "$(ls /usr/lib/postgresql/*/bin/pgbench 2>/dev/null)" ] || need_pkgs+=(postgresql-contrib)
 have psql || need_pkgs+=(postgresql-client)
+have wrk || need_pkgs+=(wrk)
 
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "installing: ${need_pkgs[*]}"
@@ -56,11 +58,11 @@ for pidfile in /run/pgbouncer/pgbouncer.pid /var/run/pgbouncer/pgbouncer.pid /ru
   fi
 done
 
-for bin in pgbouncer haproxy pgbench psql; do
+for bin in pgbouncer haproxy pgbench psql wrk; do
   path=$(command -v "$bin" || ls /usr/sbin/"$bin" 2>/dev/null || true)
   if [ -z "$path" ]; then
     echo "bench-deps: $bin is still missing" >&2
     exit 1
   fi
 done
-echo "bench deps: $(pgbouncer --version 2>/dev/null | head -n1); $(haproxy -v 2>/dev/null | head -n1); $(pgbench --version)"
+echo "bench deps: $(pgbouncer --version 2>/dev/null | head -n1); $(haproxy -v 2>/dev/null | head -n1); $(pgbench --version); $(wrk --version 2>&1 | head -n1 | cut -d' ' -f1-2)"

@@ -62,6 +62,15 @@ pub async fn upstream(port: u16, delay: Duration) -> Result<()> {
     }
 }
 
+/// Which program generates the load.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Client {
+    /// This runner's own closed loop (hyper, one request in flight per connection).
+    Builtin,
+    /// `wrk` (must be on PATH): an independent, widely used load generator, as a cross-check.
+    Wrk,
+}
+
 #[derive(clap::Args, Clone, Debug)]
 pub struct LoadOpts {
     /// http://host:port/path to GET.
@@ -74,6 +83,12 @@ pub struct LoadOpts {
     pub connections: usize,
     #[arg(long, default_value_t = 10)]
     pub seconds: u64,
+    /// The load generator.
+    #[arg(long, value_enum, default_value_t = Client::Builtin)]
+    pub client: Client,
+    /// Threads `wrk` runs (with `--client wrk`).
+    #[arg(long, default_value_t = 2)]
+    pub wrk_threads: usize,
 }
 
 pub struct LoadResult {
@@ -84,6 +99,9 @@ pub struct LoadResult {
 }
 
 pub async fn load(o: &LoadOpts) -> Result<LoadResult> {
+    if o.client == Client::Wrk {
+        return wrk(o).await;
+    }
     let uri: hyper::Uri = o.url.parse().context("--url")?;
     let host = uri.host().context("--url has no host")?.to_string();
     let port = uri.port_u16().unwrap_or(80);
@@ -159,6 +177,114 @@ pub async fn load(o: &LoadOpts) -> Result<LoadResult> {
     })
 }
 
+/// One run of `wrk` with the same connections, duration and headers.
+async fn wrk(o: &LoadOpts) -> Result<LoadResult> {
+    let mut cmd = tokio::process::Command::new("wrk");
+    cmd.arg("--latency")
+        .arg("-t")
+        .arg(o.wrk_threads.clamp(1, o.connections.max(1)).to_string())
+        .arg("-c")
+        .arg(o.connections.to_string())
+        .arg("-d")
+        .arg(format!("{}s", o.seconds));
+    for h in &o.headers {
+        cmd.arg("-H").arg(h);
+    }
+    cmd.arg(&o.url).kill_on_drop(true);
+    let out = cmd.output().await.map_err(|e| {
+        anyhow::anyhow!("could not run wrk ({e}); install it (Debian: apt-get install wrk) or use --client builtin")
+    })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "wrk failed ({}): {}{}",
+            out.status,
+            text.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    parse_wrk(&text)
+}
+
+/// The request rate, the 50th and 99th latency percentiles and the errors of `wrk --latency`'s
+/// report.
+pub fn parse_wrk(text: &str) -> Result<LoadResult> {
+    let field = |line: &str, name: &str| -> Option<String> {
+        line.trim()
+            .strip_prefix(name)
+            .map(|rest| rest.trim().to_string())
+    };
+    let mut rps = None;
+    let (mut p50, mut p99) = (None, None);
+    let mut errors = 0u64;
+    let mut requests = None;
+    for line in text.lines() {
+        if let Some(v) = field(line, "Requests/sec:") {
+            rps = Some(
+                v.parse::<f64>()
+                    .with_context(|| format!("wrk rate {v:?}"))?,
+            );
+        } else if let Some(v) = field(line, "50%") {
+            p50 = Some(wrk_duration_us(&v)?);
+        } else if let Some(v) = field(line, "99%") {
+            p99 = Some(wrk_duration_us(&v)?);
+        } else if let Some(v) = field(line, "Non-2xx or 3xx responses:") {
+            errors += v
+                .parse::<u64>()
+                .with_context(|| format!("wrk non-2xx {v:?}"))?;
+        } else if let Some(v) = field(line, "Socket errors:") {
+            // connect 0, read 0, write 0, timeout 0
+            for part in v.split(',') {
+                let n = part.split_whitespace().last().unwrap_or("0");
+                errors += n
+                    .parse::<u64>()
+                    .with_context(|| format!("wrk socket errors {v:?}"))?;
+            }
+        } else if line.contains(" requests in ") {
+            requests = line
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<u64>().ok());
+        }
+    }
+    let (Some(rps), Some(p50_us), Some(p99_us)) = (rps, p50, p99) else {
+        bail!("wrk's report has no request rate or latency percentiles:\n{text}");
+    };
+    // wrk counts non-2xx answers in its rate; the builtin client does not.
+    let good = requests.map_or(rps, |n| {
+        rps * n.saturating_sub(errors) as f64 / n.max(1) as f64
+    });
+    if good <= 0.0 {
+        bail!("no request succeeded ({errors} errors):\n{text}");
+    }
+    Ok(LoadResult {
+        errors,
+        rps: good,
+        p50_us,
+        p99_us,
+    })
+}
+
+/// `812.00us`, `1.25ms`, `2.01s`, `3.00m` as microseconds.
+fn wrk_duration_us(v: &str) -> Result<u64> {
+    let (num, mult) = if let Some(n) = v.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix("ms") {
+        (n, 1e3)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1e6)
+    } else if let Some(n) = v.strip_suffix('m') {
+        (n, 60e6)
+    } else {
+        bail!("wrk latency {v:?} has no unit");
+    };
+    let x: f64 = num
+        .trim()
+        .parse()
+        .with_context(|| format!("wrk latency {v:?}"))?;
+    Ok((x * mult).round() as u64)
+}
+
 #[derive(clap::Args, Clone, Debug)]
 pub struct CompareOpts {
     /// The upstream directly.
@@ -180,6 +306,12 @@ pub struct CompareOpts {
     /// A short unmeasured run of each first.
     #[arg(long, default_value_t = 2)]
     pub warmup: u64,
+    /// The load generator.
+    #[arg(long, value_enum, default_value_t = Client::Builtin)]
+    pub client: Client,
+    /// Threads `wrk` runs (with `--client wrk`).
+    #[arg(long, default_value_t = 2)]
+    pub wrk_threads: usize,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -194,12 +326,16 @@ pub async fn compare(o: &CompareOpts) -> Result<String> {
         headers: vec![],
         connections: o.connections,
         seconds: o.seconds,
+        client: o.client,
+        wrk_threads: o.wrk_threads,
     };
     let edge = LoadOpts {
         url: o.edge.clone(),
         headers: o.edge_headers.clone(),
         connections: o.connections,
         seconds: o.seconds,
+        client: o.client,
+        wrk_threads: o.wrk_threads,
     };
     for x in [&direct, &edge] {
         load(&LoadOpts {
@@ -229,13 +365,81 @@ pub async fn compare(o: &CompareOpts) -> Result<String> {
     let (dp99, ep99) = (med(&d, &|r| r.p99_us as f64), med(&e, &|r| r.p99_us as f64));
     Ok(format!(
         "| round | target | req/s | p50 ms | p99 ms | errors |\n| --- | --- | ---: | ---: | ---: | ---: |\n{rows}\n\
-         Medians over {} rounds of {} s, {} connections: direct {drps:.0} req/s, edge {erps:.0} req/s \
+         Medians over {} rounds of {} s, {} connections, load from {}: direct {drps:.0} req/s, edge {erps:.0} req/s \
          (ratio {:.2}); added latency p50 {:.2} ms, p99 {:.2} ms.\n",
         o.rounds,
         o.seconds,
         o.connections,
+        match o.client {
+            Client::Builtin => "custos-loadtest".to_string(),
+            Client::Wrk => format!("wrk ({} threads)", o.wrk_threads),
+        },
         erps / drps,
         (ep50 - dp50) / 1000.0,
         (ep99 - dp99) / 1000.0
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reports of wrk 4.1.0 (Debian), run against `python3 -m http.server`.
+    const OK: &str = "Running 1s test @ http://127.0.0.1:18999/
+  1 threads and 2 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     6.65ms    4.25ms  20.56ms   63.24%
+    Req/Sec   300.10     50.80   401.00     70.00%
+  Latency Distribution
+     50%    6.49ms
+     75%    9.55ms
+     90%   12.06ms
+     99%   17.30ms
+  300 requests in 1.00s, 699.32KB read
+Requests/sec:    298.90
+Transfer/sec:    696.76KB
+";
+
+    #[test]
+    fn a_wrk_report_gives_rate_percentiles_and_errors() {
+        let r = parse_wrk(OK).unwrap();
+        assert!((r.rps - 298.90).abs() < 1e-9, "{}", r.rps);
+        assert_eq!((r.p50_us, r.p99_us, r.errors), (6490, 17300, 0));
+
+        let some_bad = OK.replace(
+            "Requests/sec:",
+            "  Non-2xx or 3xx responses: 30\n  Socket errors: connect 0, read 2, write 0, timeout 1\nRequests/sec:",
+        );
+        let r = parse_wrk(&some_bad).unwrap();
+        assert_eq!(r.errors, 33);
+        // Only the 267 good answers of 300 count in the rate, as with the builtin client.
+        assert!((r.rps - 298.90 * 267.0 / 300.0).abs() < 1e-9, "{}", r.rps);
+
+        let us = OK.replace("6.49ms", "812.00us").replace("17.30ms", "1.02s");
+        let r = parse_wrk(&us).unwrap();
+        assert_eq!((r.p50_us, r.p99_us), (812, 1_020_000));
+    }
+
+    #[test]
+    fn a_wrk_report_with_no_good_answer_or_no_figures_is_an_error() {
+        let all_bad = OK.replace(
+            "Requests/sec:",
+            "  Non-2xx or 3xx responses: 300\nRequests/sec:",
+        );
+        let e = parse_wrk(&all_bad).err().expect("all answers were errors");
+        assert!(
+            e.to_string().contains("no request succeeded (300 errors)"),
+            "{e}"
+        );
+
+        let e = parse_wrk("unable to connect to 127.0.0.1:1 Connection refused")
+            .err()
+            .expect("no report");
+        assert!(e.to_string().contains("no request rate"), "{e}");
+
+        let e = parse_wrk(&OK.replace("6.49ms", "6.49"))
+            .err()
+            .expect("no unit");
+        assert!(e.to_string().contains("no unit"), "{e}");
+    }
 }
