@@ -673,6 +673,12 @@ pub(crate) struct Engine {
     rfix: usize,
 }
 
+/// Every occurrence of the literal anchors in a text, set by set, by position (start, pattern):
+/// found once by [`Engine::find_literals`] for a buffer of many short values, then handed to
+/// the analysis of each value instead of searching each one again.
+#[derive(Debug, Default)]
+pub(crate) struct Literals(Vec<Vec<(usize, u16)>>);
+
 /// Literals of the two sets (for the "no literal is a prefix of another" check).
 #[cfg(test)]
 pub(crate) fn literal_sets() -> Vec<Vec<&'static str>> {
@@ -920,7 +926,16 @@ impl Engine {
             hi: text.len(),
             more,
         };
-        self.analyze_in(text, g, from, text.len(), out, &mut und, &mut Vec::new());
+        self.analyze_in(
+            text,
+            g,
+            from,
+            text.len(),
+            None,
+            out,
+            &mut und,
+            &mut Vec::new(),
+        );
         und.iter().map(|u| u.1).min().unwrap_or(text.len())
     }
 
@@ -932,12 +947,14 @@ impl Engine {
     /// lowest start of a match it could give) instead, and so do the matches that may be
     /// starting in the last bytes when `to` and `g.hi` are the end of `text`.
     #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn analyze_in(
         &self,
         text: &[u8],
         g: Gap,
         from: usize,
         to: usize,
+        found: Option<&Literals>,
         out: &mut Vec<Cand>,
         und: &mut Vec<(usize, usize)>,
         recs: &mut Vec<Trig>,
@@ -950,18 +967,37 @@ impl Engine {
         let at_end = g.more && to == n && n == text.len();
         // A literal starting before `to` may end after it.
         let span_end = to.saturating_add(self.max_lit).min(n);
-        for (si, set) in self.sets.iter().enumerate() {
-            // Restart one byte after each match: every occurrence is found, wherever the scan
-            // starts (no literal is a prefix of another, so one match per start position).
-            let mut at = from;
-            while let Some(m) = set.searcher.find_in(text, Span::from(at..span_end)) {
-                let t = m.start();
-                if t >= to {
-                    break;
+        match found {
+            None => {
+                for (si, set) in self.sets.iter().enumerate() {
+                    // Restart one byte after each match: every occurrence is found, wherever the
+                    // scan starts (no literal is a prefix of another, so one match per start
+                    // position).
+                    let mut at = from;
+                    while let Some(m) = set.searcher.find_in(text, Span::from(at..span_end)) {
+                        let t = m.start();
+                        if t >= to {
+                            break;
+                        }
+                        let what = What::Lit(si as u8, m.pattern().as_usize() as u16);
+                        recs.extend(self.eval_trig(text, g, t, t, what, out, und));
+                        at = t + 1;
+                    }
                 }
-                let what = What::Lit(si as u8, m.pattern().as_usize() as u16);
-                recs.extend(self.eval_trig(text, g, t, t, what, out, und));
-                at = t + 1;
+            }
+            Some(found) => {
+                // The same occurrences, taken from a search of a larger text: those that start
+                // in `from..to` and end by `span_end`, set by set, by position.
+                for (si, (set, occ)) in self.sets.iter().zip(&found.0).enumerate() {
+                    let first = occ.partition_point(|&(t, _)| t < from);
+                    for &(t, p) in occ[first..].iter().take_while(|&&(t, _)| t < to) {
+                        if t + set.lits[usize::from(p)].len > span_end {
+                            continue;
+                        }
+                        let what = What::Lit(si as u8, p);
+                        recs.extend(self.eval_trig(text, g, t, t, what, out, und));
+                    }
+                }
             }
         }
         if self.digits_on || self.email_on {
@@ -987,6 +1023,22 @@ impl Engine {
             if self.digits_on {
                 let back = lead_back(text, n).min(n - g.lo.min(n));
                 und.push((n, n - back));
+            }
+        }
+    }
+
+    /// Every occurrence of every literal anchor in `text` (see [`Literals`]). The analysis of a
+    /// stretch of `text` takes those that lie inside it: the same ones a search of the stretch
+    /// alone finds, since no literal is a prefix of another in its set (one occurrence per start
+    /// position and set), and a search restarts one byte after each occurrence.
+    pub(crate) fn find_literals(&self, text: &[u8], found: &mut Literals) {
+        found.0.resize_with(self.sets.len(), Vec::new);
+        for (set, occ) in self.sets.iter().zip(found.0.iter_mut()) {
+            occ.clear();
+            let mut at = 0;
+            while let Some(m) = set.searcher.find_in(text, Span::from(at..text.len())) {
+                occ.push((m.start(), m.pattern().as_usize() as u16));
+                at = m.start() + 1;
             }
         }
     }

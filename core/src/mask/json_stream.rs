@@ -40,7 +40,7 @@
 use std::str::FromStr;
 use std::sync::Arc;
 
-use super::detect::{Cand, Trig};
+use super::detect::{Cand, Literals, Trig};
 use super::{select, Detector, Inner, Scope, Stats, StreamMasker};
 
 /// Longest numeric token that is held (and checked for a card number); longer ones pass through.
@@ -894,6 +894,8 @@ pub struct JsonMasker {
     /// The candidates of each value in `cands` (`recs[i]` has `cands[spans[i].0..spans[i].1]`).
     spans: Vec<(usize, usize)>,
     recs_scratch: Vec<Trig>,
+    /// The literal anchors of `det` (see `Engine::find_literals`).
+    lits: Literals,
     scratch: String,
 }
 
@@ -955,6 +957,7 @@ impl JsonMasker {
             cands: Vec::new(),
             spans: Vec::new(),
             recs_scratch: Vec::new(),
+            lits: Literals::default(),
             scratch: String::new(),
         }
     }
@@ -1070,14 +1073,23 @@ impl JsonMasker {
         self.spans.clear();
         let engine = self.inner.engine();
         let det = self.det.as_bytes();
+        // With several values, one search for the literal anchors over all of them costs less
+        // than one per value (most values are short).
+        let found = if self.recs.iter().filter(|r| !r.fixed).nth(1).is_some() {
+            engine.find_literals(det, &mut self.lits);
+            Some(&self.lits)
+        } else {
+            None
+        };
         for rec in &self.recs {
             let k = self.cands.len();
             if !rec.fixed {
-                engine.resolve(
+                engine.resolve_found(
                     &det[..rec.det_end],
                     rec.det_start,
                     rec.det_start,
                     false,
+                    found,
                     &mut self.cands,
                     &mut self.recs_scratch,
                 );
@@ -1921,6 +1933,43 @@ mod tests {
             jm.push(body.as_bytes(), &mut st);
             jm.finish(&mut st);
             assert_eq!(st, want_stats);
+        }
+    }
+
+    #[test]
+    fn literals_at_the_edges_of_values_are_found_as_in_each_value_alone() {
+        // The literal anchors of all the values of a push are found in one search; an anchor
+        // that starts in one value and would end in the next must not count, and one that
+        // starts or ends a value must.
+        let m = masker();
+        let values = [
+            "x AKIA",
+            "IOSFODNN7EXAMPL2 y",
+            "AKIAIOSFODNN7EXAMPL2",
+            "see AKIAIOSFODNN7EXAMPL2",
+            "ghp_",
+            "ghp_0123456789abcdefghijABCDEFGHIJ012345",
+            "password",
+            "=hunter2hunter2",
+            "password=hunter2hunter2",
+            "https://",
+            "admin:s3cr3tP4ss@db.example.com:5432/app and more",
+            "-----BEGIN ",
+            "Bearer ",
+            "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0.c2lnbmF0dXJlX2hlcmVfMTIz",
+        ];
+        let body = serde_json::to_string(&values).unwrap_or_default();
+        for sizes in [vec![body.len()], vec![7], vec![64, 3]] {
+            let (out, invalid) = run_chunks(&m, &[], body.as_bytes(), &sizes);
+            assert!(!invalid);
+            let got: Vec<String> = serde_json::from_slice(&out).expect("valid JSON");
+            assert_eq!(got.len(), values.len());
+            for (g, v) in got.iter().zip(&values) {
+                let want = m.audit_scope().mask_text(v, &mut Stats::default());
+                assert_eq!(g, &want, "{v}");
+            }
+            assert!(got[2].contains("[REDACTED:"), "{}", got[2]);
+            assert_eq!(got[0], "x AKIA");
         }
     }
 

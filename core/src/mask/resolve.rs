@@ -36,7 +36,7 @@
 //! would only be accepted after more than `rfix` bytes of glued matches after it were replaced, or
 //! one whose verdict changes with text more than a window away (see `docs/masking.md`).
 
-use super::detect::{Cand, Engine, Gap, Trig, AT_REACH, DIGIT_REACH};
+use super::detect::{Cand, Engine, Gap, Literals, Trig, AT_REACH, DIGIT_REACH};
 
 /// Where a resolution stopped.
 #[derive(Clone, Copy, Debug)]
@@ -77,6 +77,22 @@ impl Engine {
         acc: &mut Vec<Cand>,
         recs: &mut Vec<Trig>,
     ) -> Resolved {
+        self.resolve_found(text, lo, floor, more, None, acc, recs)
+    }
+
+    /// [`Engine::resolve`], with the literal anchors of `text` already found (by
+    /// [`Engine::find_literals`] over `text` or a longer text that starts like it).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn resolve_found(
+        &self,
+        text: &[u8],
+        lo: usize,
+        floor: usize,
+        more: bool,
+        found: Option<&Literals>,
+        acc: &mut Vec<Cand>,
+        recs: &mut Vec<Trig>,
+    ) -> Resolved {
         let n = text.len();
         let gap = Gap { lo, hi: n, more };
         let mut st = State {
@@ -92,6 +108,7 @@ impl Engine {
             gap,
             st.floor,
             n,
+            found,
             &mut st.cands,
             &mut st.und,
             &mut st.recs,
@@ -156,6 +173,7 @@ impl Engine {
                     st.gap,
                     c.mend,
                     until,
+                    None,
                     &mut fresh,
                     &mut st.und,
                     &mut new_recs,
