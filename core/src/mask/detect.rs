@@ -675,9 +675,46 @@ pub(crate) struct Engine {
 
 /// Every occurrence of the literal anchors in a text, set by set, by position (start, pattern):
 /// found once by [`Engine::find_literals`] for a buffer of many short values, then handed to
-/// the analysis of each value instead of searching each one again.
+/// the analysis of each value (see [`Literals::within`]) instead of searching each one again.
 #[derive(Debug, Default)]
-pub(crate) struct Literals(Vec<Vec<(usize, u16)>>);
+pub(crate) struct Literals {
+    occ: Vec<Vec<(usize, u16)>>,
+    /// Per set, where the last [`Literals::within`] started.
+    cursor: [usize; MAX_SETS],
+}
+
+/// The most literal sets an engine has (see `all_literals`).
+const MAX_SETS: usize = 3;
+
+/// The occurrences of [`Literals`] that start in one stretch of the text, per set.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Found<'a>([&'a [(usize, u16)]; MAX_SETS]);
+
+impl Literals {
+    /// The occurrences that start in `from..to`. Stretches asked for in increasing order are
+    /// found by walking forward from the previous one (a binary search over the occurrences of
+    /// a large buffer, per value, cost more than the search it saves).
+    pub(crate) fn within(&mut self, from: usize, to: usize) -> Found<'_> {
+        let mut out: [&[(usize, u16)]; MAX_SETS] = [&[]; MAX_SETS];
+        for ((occ, cur), slot) in self.occ.iter().zip(&mut self.cursor).zip(&mut out) {
+            let mut a = (*cur).min(occ.len());
+            if a > 0 && occ[a - 1].0 >= from {
+                // Asked out of order: search from the start.
+                a = occ.partition_point(|&(t, _)| t < from);
+            }
+            while a < occ.len() && occ[a].0 < from {
+                a += 1;
+            }
+            let mut b = a;
+            while b < occ.len() && occ[b].0 < to {
+                b += 1;
+            }
+            *cur = a;
+            *slot = &occ[a..b];
+        }
+        Found(out)
+    }
+}
 
 /// Literals of the two sets (for the "no literal is a prefix of another" check).
 #[cfg(test)]
@@ -832,6 +869,8 @@ impl Engine {
                 .collect();
             sets.extend(LitSet::new(&pats, lits));
         }
+        // Three groups above; `Literals` keeps one cursor per set.
+        assert!(sets.len() <= MAX_SETS, "{} literal sets", sets.len());
         // A candidate is undecided only while its window (trigger + fwd + 1) is incomplete, and it
         // starts at most `span back` before its trigger; +3 for rounding to a char boundary.
         let holdback = reach
@@ -954,7 +993,7 @@ impl Engine {
         g: Gap,
         from: usize,
         to: usize,
-        found: Option<&Literals>,
+        found: Option<Found<'_>>,
         out: &mut Vec<Cand>,
         und: &mut Vec<(usize, usize)>,
         recs: &mut Vec<Trig>,
@@ -988,10 +1027,9 @@ impl Engine {
             Some(found) => {
                 // The same occurrences, taken from a search of a larger text: those that start
                 // in `from..to` and end by `span_end`, set by set, by position.
-                for (si, (set, occ)) in self.sets.iter().zip(&found.0).enumerate() {
-                    let first = occ.partition_point(|&(t, _)| t < from);
-                    for &(t, p) in occ[first..].iter().take_while(|&&(t, _)| t < to) {
-                        if t + set.lits[usize::from(p)].len > span_end {
+                for (si, (set, occ)) in self.sets.iter().zip(found.0).enumerate() {
+                    for &(t, p) in occ {
+                        if t < from || t >= to || t + set.lits[usize::from(p)].len > span_end {
                             continue;
                         }
                         let what = What::Lit(si as u8, p);
@@ -1032,8 +1070,9 @@ impl Engine {
     /// alone finds, since no literal is a prefix of another in its set (one occurrence per start
     /// position and set), and a search restarts one byte after each occurrence.
     pub(crate) fn find_literals(&self, text: &[u8], found: &mut Literals) {
-        found.0.resize_with(self.sets.len(), Vec::new);
-        for (set, occ) in self.sets.iter().zip(found.0.iter_mut()) {
+        found.occ.resize_with(self.sets.len(), Vec::new);
+        found.cursor = [0; MAX_SETS];
+        for (set, occ) in self.sets.iter().zip(found.occ.iter_mut()) {
             occ.clear();
             let mut at = 0;
             while let Some(m) = set.searcher.find_in(text, Span::from(at..text.len())) {

@@ -1075,15 +1075,14 @@ impl JsonMasker {
         let det = self.det.as_bytes();
         // With several values, one search for the literal anchors over all of them costs less
         // than one per value (most values are short).
-        let found = if self.recs.iter().filter(|r| !r.fixed).nth(1).is_some() {
+        let batch = self.recs.iter().filter(|r| !r.fixed).nth(1).is_some();
+        if batch {
             engine.find_literals(det, &mut self.lits);
-            Some(&self.lits)
-        } else {
-            None
-        };
+        }
         for rec in &self.recs {
             let k = self.cands.len();
             if !rec.fixed {
+                let found = batch.then(|| self.lits.within(rec.det_start, rec.det_end));
                 engine.resolve_found(
                     &det[..rec.det_end],
                     rec.det_start,

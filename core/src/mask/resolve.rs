@@ -36,7 +36,7 @@
 //! would only be accepted after more than `rfix` bytes of glued matches after it were replaced, or
 //! one whose verdict changes with text more than a window away (see `docs/masking.md`).
 
-use super::detect::{Cand, Engine, Gap, Literals, Trig, AT_REACH, DIGIT_REACH};
+use super::detect::{Cand, Engine, Found, Gap, Trig, AT_REACH, DIGIT_REACH};
 
 /// Where a resolution stopped.
 #[derive(Clone, Copy, Debug)]
@@ -89,7 +89,7 @@ impl Engine {
         lo: usize,
         floor: usize,
         more: bool,
-        found: Option<&Literals>,
+        found: Option<Found<'_>>,
         acc: &mut Vec<Cand>,
         recs: &mut Vec<Trig>,
     ) -> Resolved {
