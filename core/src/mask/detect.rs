@@ -986,7 +986,6 @@ impl Engine {
     /// lowest start of a match it could give) instead, and so do the matches that may be
     /// starting in the last bytes when `to` and `g.hi` are the end of `text`.
     #[allow(clippy::too_many_arguments)]
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn analyze_in(
         &self,
         text: &[u8],
