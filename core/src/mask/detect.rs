@@ -660,10 +660,12 @@ pub(crate) struct Engine {
     sets: Vec<LitSet>,
     /// Proper prefixes of every literal (for the stream's "a literal may be starting here").
     partials: std::collections::HashSet<Vec<u8>>,
-    /// For each length `k`, the first and the last bytes of the proper prefixes of length `k`
-    /// (bitsets): a cheap necessary test before the `partials` look-up, which a stream runs for
-    /// every length at every push.
-    partial_ends: Vec<([u64; 4], [u64; 4])>,
+    /// For each length `k`, the first bytes of the proper prefixes of length `k` (a bitset): a
+    /// cheap necessary test before the `partials` look-up, which a stream runs at every push.
+    partial_first: Vec<[u64; 4]>,
+    /// For each byte, the lengths `k` (bit `k`) of the proper prefixes that end with it: a push
+    /// tries only those lengths for the text's last bytes.
+    partial_last: Box<[u64; 256]>,
     max_lit: usize,
     spec_re: Vec<Regex>,
     digits_on: bool,
@@ -842,7 +844,8 @@ impl Engine {
 
         let (tokens, labels, short) = all_literals(enabled_list);
         let mut partials = std::collections::HashSet::new();
-        let mut partial_ends: Vec<([u64; 4], [u64; 4])> = Vec::new();
+        let mut partial_first: Vec<[u64; 4]> = Vec::new();
+        let mut partial_last = Box::new([0u64; 256]);
         let mut max_lit = 0;
         let mut sets = Vec::new();
         for group in [tokens, labels, short] {
@@ -851,12 +854,11 @@ impl Engine {
                 max_lit = max_lit.max(p.len());
                 for k in 1..p.len() {
                     let pre = &p.as_bytes()[..k];
-                    if partial_ends.len() <= k {
-                        partial_ends.resize(k + 1, ([0; 4], [0; 4]));
+                    if partial_first.len() <= k {
+                        partial_first.resize(k + 1, [0; 4]);
                     }
-                    let (first, last) = &mut partial_ends[k];
-                    set_bit(first, pre[0]);
-                    set_bit(last, pre[k - 1]);
+                    set_bit(&mut partial_first[k], pre[0]);
+                    partial_last[usize::from(pre[k - 1])] |= 1 << k;
                     partials.insert(pre.to_vec());
                 }
             }
@@ -871,6 +873,8 @@ impl Engine {
         }
         // Three groups above; `Literals` keeps one cursor per set.
         assert!(sets.len() <= MAX_SETS, "{} literal sets", sets.len());
+        // `partial_last` keeps the prefix lengths as bits of a u64.
+        assert!(max_lit <= 64, "a literal anchor of {max_lit} bytes");
         // A candidate is undecided only while its window (trigger + fwd + 1) is incomplete, and it
         // starts at most `span back` before its trigger; +3 for rounding to a char boundary.
         let holdback = reach
@@ -915,7 +919,8 @@ impl Engine {
             enabled,
             sets,
             partials,
-            partial_ends,
+            partial_first,
+            partial_last,
             max_lit,
             spec_re,
             digits_on,
@@ -1041,14 +1046,20 @@ impl Engine {
             self.scan_bytes(text, g, from, to, out, und, recs);
         }
         if at_end {
-            // A literal may be starting in the last bytes.
+            // A literal may be starting in the last bytes: the longest tail that is a proper
+            // prefix of one. Only the lengths of the prefixes that end with the last byte.
             let kmax = (self.max_lit.saturating_sub(1)).min(n - from);
-            for k in (1..=kmax).rev() {
+            let below = if kmax >= 63 {
+                u64::MAX
+            } else {
+                (1u64 << (kmax + 1)) - 1
+            };
+            let mut ks = self.partial_last[usize::from(text[n - 1])] & below;
+            while ks != 0 {
+                let k = 63 - ks.leading_zeros() as usize;
+                ks &= !(1u64 << k);
                 let tail = &text[n - k..];
-                let may = self.partial_ends.get(k).is_some_and(|(first, last)| {
-                    has_bit(first, tail[0]) && has_bit(last, tail[k - 1])
-                });
-                if may && self.partials.contains(tail) {
+                if has_bit(&self.partial_first[k], tail[0]) && self.partials.contains(tail) {
                     und.push((n, n - k));
                     break;
                 }
@@ -1192,14 +1203,16 @@ impl Engine {
         recs: &mut Vec<Trig>,
     ) {
         // Per-byte flags in bit 7 of each byte of a u64 word (SWAR). The bytes before `from` (not
-        // below the gap's start) seed the "previous byte" flags.
-        let mut prev = if from > g.lo {
+        // below the gap's start) seed the "previous byte" flags. Most words of text hold neither a
+        // digit nor an `@`, and then nothing starts in them: only their raw bytes are kept, and
+        // the full flags of a word (and of the one before it) are computed when it holds one.
+        let mut prev_word = if from > g.lo {
             let mut w = [0u8; 8];
             let k = (from - g.lo).min(8);
             w[8 - k..].copy_from_slice(&text[from - k..from]);
-            word_flags(u64::from_le_bytes(w))
+            u64::from_le_bytes(w)
         } else {
-            Flags::default()
+            0
         };
         let mut base = from;
         while base < to {
@@ -1213,12 +1226,24 @@ impl Engine {
                     u64::from_le_bytes(w)
                 }
             };
-            let mut f = word_flags(word);
-            if len < 8 {
-                let keep = (1u64 << (8 * len)) - 1;
-                f.digit &= keep;
-                f.at &= keep;
+            let keep = if len < 8 {
+                (1u64 << (8 * len)) - 1
+            } else {
+                u64::MAX
+            };
+            let (digit, at) = digit_at_flags(word);
+            let (digit, at) = (digit & keep, at & keep);
+            if digit | at == 0 {
+                prev_word = word;
+                base += len;
+                continue;
             }
+            let mut f = word_flags(word);
+            f.digit = digit;
+            f.at = at;
+            // The bytes before `from` (or zero padding, which is in no class) as before.
+            let prev = word_flags(prev_word);
+            prev_word = word;
             let p1 = |x: u64, px: u64| (x << 8) | (px >> 56);
             let p2 = |x: u64, px: u64| (x << 16) | (px >> 48);
             // A digit-run start that a digit detector could use: the previous byte is not a digit,
@@ -1230,7 +1255,6 @@ impl Engine {
                 & !(p1(f.numsep, prev.numsep) & p2(f.digit, prev.digit));
             let ats = if self.email_on { f.at } else { 0 };
             let starts = if self.digits_on { starts } else { 0 };
-            prev = f;
             // In position order (the records then come sorted). Only a stream needs the lowest
             // start of their matches (for its frontier) and their records.
             let mut ev = ats | starts;
@@ -2293,6 +2317,18 @@ struct Flags {
     numsep: u64,
 }
 
+/// The `digit` and `at` flags of [`word_flags`] alone: (digit, at).
+#[inline]
+fn digit_at_flags(x: u64) -> (u64, u64) {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let ascii = !x & HIGH;
+    let x7 = x & !HIGH;
+    let digit = (x7 + ONES * (0x80 - 0x30)) & (ONES * (0x80 + 0x39) - x7) & ascii;
+    let at = !((x7 ^ (ONES * 0x40)) + ONES * 0x7f) & ascii;
+    (digit, at)
+}
+
 /// SWAR classification of the 8 bytes of `x` (little endian).
 #[inline]
 fn word_flags(x: u64) -> Flags {
@@ -2500,7 +2536,58 @@ fn jwt_ok(tok: &[u8], truncated: bool) -> bool {
 #[cfg(test)]
 pub(crate) fn word_flags_for_test(x: u64) -> [u64; 4] {
     let f = word_flags(x);
+    assert_eq!(digit_at_flags(x), (f.digit, f.at), "{x:#x}");
     [f.digit, f.at, f.lower, f.numsep]
+}
+
+#[cfg(test)]
+impl Engine {
+    /// The positions of the `@` and digit-run triggers that [`Engine::scan_bytes`] evaluates in
+    /// `from..to` of a stream over all of `text`, in order.
+    pub(crate) fn scan_triggers_for_test(&self, text: &[u8], from: usize, to: usize) -> Vec<usize> {
+        let g = Gap {
+            lo: 0,
+            hi: text.len(),
+            more: true,
+        };
+        let (mut out, mut und, mut recs) = (Vec::new(), Vec::new(), Vec::new());
+        self.scan_bytes(text, g, from, to, &mut out, &mut und, &mut recs);
+        let mut t: Vec<usize> = recs
+            .iter()
+            .map(|r| r.t)
+            .chain(und.iter().map(|u| u.0))
+            .collect();
+        t.sort_unstable();
+        t
+    }
+
+    /// The same triggers, found byte by byte from their definition.
+    pub(crate) fn scan_triggers_bytewise(&self, text: &[u8], from: usize, to: usize) -> Vec<usize> {
+        let g = Gap {
+            lo: 0,
+            hi: text.len(),
+            more: true,
+        };
+        let before = |i: usize, k: usize| i.checked_sub(k).map(|j| text[j]);
+        (from..to.min(text.len()))
+            .filter(|&i| {
+                let b = text[i];
+                if b == b'@' {
+                    return self.email_on;
+                }
+                let p1 = before(i, 1);
+                let p2 = before(i, 2);
+                let numsep_after_digit = p1.is_some_and(|c| matches!(c, b'-' | b'.' | b'/'))
+                    && p2.is_some_and(|c| c.is_ascii_digit());
+                self.digits_on
+                    && b.is_ascii_digit()
+                    && !p1
+                        .is_some_and(|c| c.is_ascii_digit() || c.is_ascii_lowercase() || c == b'_')
+                    && !numsep_after_digit
+                    && !quick_skip(text, g, i)
+            })
+            .collect()
+    }
 }
 
 fn set_bit(bits: &mut [u64; 4], b: u8) {
@@ -2524,8 +2611,12 @@ mod partial_ends_tests {
         assert!(!e.partials.is_empty());
         for p in &e.partials {
             let k = p.len();
-            let (first, last) = e.partial_ends[k];
-            assert!(has_bit(&first, p[0]) && has_bit(&last, p[k - 1]), "{p:?}");
+            assert!(k < 64, "{p:?}");
+            assert!(has_bit(&e.partial_first[k], p[0]), "{p:?}");
+            assert!(
+                e.partial_last[usize::from(p[k - 1])] & (1 << k) != 0,
+                "{p:?}"
+            );
         }
     }
 }

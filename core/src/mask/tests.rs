@@ -612,6 +612,51 @@ fn word_flags_match_bytewise() {
     }
 }
 
+/// The SWAR scan finds exactly the `@` and digit-run triggers of their byte-by-byte definition,
+/// wherever the scanned stretch starts and ends (words with neither a digit nor an `@` skip the
+/// full classification, so the bytes before a word must still count).
+#[test]
+fn byte_scan_triggers_match_their_definition() {
+    let m = Masker::new(&MaskConfig::default()).expect("default config");
+    let e = m.inner.engine();
+    let alphabet: &[u8] = b"0123456789 -./()@_abzAZ+:\"\xc3\xa9\n";
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut checked = 0;
+    for _ in 0..3000 {
+        let len = (next() % 80) as usize;
+        // Runs of one class make long digit clusters and letter runs likely.
+        let mut text = Vec::with_capacity(len);
+        while text.len() < len {
+            let b = alphabet[(next() % alphabet.len() as u64) as usize];
+            let run = 1 + (next() % 6) as usize;
+            text.extend(std::iter::repeat_n(b, run));
+        }
+        text.truncate(len);
+        let from = if len == 0 {
+            0
+        } else {
+            (next() % (len as u64 + 1)) as usize
+        };
+        let to = from + (next() % ((len - from) as u64 + 1)) as usize;
+        let got = e.scan_triggers_for_test(&text, from, to);
+        let want = e.scan_triggers_bytewise(&text, from, to);
+        assert_eq!(
+            got,
+            want,
+            "{:?} {from}..{to}",
+            String::from_utf8_lossy(&text)
+        );
+        checked += want.len();
+    }
+    assert!(checked > 1000, "only {checked} triggers seen");
+}
+
 // ---------- no match, no allocation ----------
 
 #[test]

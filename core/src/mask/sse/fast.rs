@@ -451,13 +451,18 @@ impl SseMasker {
                 reps.push((n, m));
             }
         }
-        let key = format!("chat|{}|content", chat.idx);
+        // The key of the choice's delta stream; choice 0 (nearly every stream) without a
+        // formatted string per event.
+        let key: std::borrow::Cow<'static, str> = match chat.idx {
+            0 => "chat|0|content".into(),
+            i => format!("chat|{i}|content").into(),
+        };
         let ends = if chat.end {
             vec![End::Prefix(format!("chat|{}|", chat.idx))]
         } else {
             Vec::new()
         };
-        self.end_streams(&ends, &[key.as_str()], out, stats);
+        self.end_streams(&ends, &[&key], out, stats);
         let delta = value(chat.content);
         let (rel, open) = self.feed_delta(&key, delta, &ends, out, stats);
         if rel != delta {
