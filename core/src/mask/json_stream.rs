@@ -513,7 +513,7 @@ impl TextTail {
 // Lexing helpers
 
 /// Index of the first `"`, `\` or control character at or after `from` (8 bytes per step).
-fn find_special(b: &[u8], from: usize) -> Option<usize> {
+pub(crate) fn find_special(b: &[u8], from: usize) -> Option<usize> {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
     let mut i = from;
