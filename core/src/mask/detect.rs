@@ -1214,6 +1214,8 @@ impl Engine {
         } else {
             0
         };
+        // The full flags of `prev_word`, when they were computed.
+        let mut prev_flags: Option<Flags> = None;
         let mut base = from;
         while base < to {
             let len = (to - base).min(8);
@@ -1235,15 +1237,17 @@ impl Engine {
             let (digit, at) = (digit & keep, at & keep);
             if digit | at == 0 {
                 prev_word = word;
+                prev_flags = None;
                 base += len;
                 continue;
             }
             let mut f = word_flags(word);
+            // The bytes before `from` (or zero padding, which is in no class) as before.
+            let prev = prev_flags.unwrap_or_else(|| word_flags(prev_word));
+            prev_word = word;
+            prev_flags = Some(f);
             f.digit = digit;
             f.at = at;
-            // The bytes before `from` (or zero padding, which is in no class) as before.
-            let prev = word_flags(prev_word);
-            prev_word = word;
             let p1 = |x: u64, px: u64| (x << 8) | (px >> 56);
             let p2 = |x: u64, px: u64| (x << 16) | (px >> 48);
             // A digit-run start that a digit detector could use: the previous byte is not a digit,
