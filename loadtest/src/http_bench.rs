@@ -67,7 +67,7 @@ pub async fn upstream(port: u16, delay: Duration) -> Result<()> {
 pub enum Client {
     /// This runner's own closed loop (hyper, one request in flight per connection).
     Builtin,
-    /// `wrk` (must be on PATH): an independent, widely used load generator, as a cross-check.
+    /// `wrk` (on PATH, or `--wrk PATH`): an independent, widely used load generator, as a cross-check.
     Wrk,
 }
 
@@ -89,6 +89,9 @@ pub struct LoadOpts {
     /// Threads `wrk` runs (with `--client wrk`).
     #[arg(long, default_value_t = 2)]
     pub wrk_threads: usize,
+    /// The `wrk` program (with `--client wrk`): a name looked up in PATH, or a path.
+    #[arg(long = "wrk", default_value = "wrk")]
+    pub wrk_program: String,
 }
 
 pub struct LoadResult {
@@ -179,7 +182,7 @@ pub async fn load(o: &LoadOpts) -> Result<LoadResult> {
 
 /// One run of `wrk` with the same connections, duration and headers.
 async fn wrk(o: &LoadOpts) -> Result<LoadResult> {
-    let mut cmd = tokio::process::Command::new("wrk");
+    let mut cmd = tokio::process::Command::new(&o.wrk_program);
     cmd.arg("--latency")
         .arg("-t")
         .arg(o.wrk_threads.clamp(1, o.connections.max(1)).to_string())
@@ -192,7 +195,11 @@ async fn wrk(o: &LoadOpts) -> Result<LoadResult> {
     }
     cmd.arg(&o.url).kill_on_drop(true);
     let out = cmd.output().await.map_err(|e| {
-        anyhow::anyhow!("could not run wrk ({e}); install it (Debian: apt-get install wrk) or use --client builtin")
+        anyhow::anyhow!(
+            "could not run wrk as {:?} ({e}); install it (Debian: apt-get install wrk), \
+             give its path with --wrk, or use --client builtin",
+            o.wrk_program
+        )
     })?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
@@ -312,6 +319,9 @@ pub struct CompareOpts {
     /// Threads `wrk` runs (with `--client wrk`).
     #[arg(long, default_value_t = 2)]
     pub wrk_threads: usize,
+    /// The `wrk` program (with `--client wrk`): a name looked up in PATH, or a path.
+    #[arg(long = "wrk", default_value = "wrk")]
+    pub wrk_program: String,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -328,6 +338,7 @@ pub async fn compare(o: &CompareOpts) -> Result<String> {
         seconds: o.seconds,
         client: o.client,
         wrk_threads: o.wrk_threads,
+        wrk_program: o.wrk_program.clone(),
     };
     let edge = LoadOpts {
         url: o.edge.clone(),
@@ -336,6 +347,7 @@ pub async fn compare(o: &CompareOpts) -> Result<String> {
         seconds: o.seconds,
         client: o.client,
         wrk_threads: o.wrk_threads,
+        wrk_program: o.wrk_program.clone(),
     };
     for x in [&direct, &edge] {
         load(&LoadOpts {
@@ -441,5 +453,40 @@ Transfer/sec:    696.76KB
             .err()
             .expect("no unit");
         assert!(e.to_string().contains("no unit"), "{e}");
+    }
+
+    fn wrk_opts(program: &str) -> LoadOpts {
+        LoadOpts {
+            url: "http://127.0.0.1:1/".into(),
+            headers: vec![],
+            connections: 1,
+            seconds: 1,
+            client: Client::Wrk,
+            wrk_threads: 1,
+            wrk_program: program.into(),
+        }
+    }
+
+    /// A missing wrk names the program and the ways out; a wrk that fails passes on its exit
+    /// status and output.
+    #[tokio::test]
+    async fn a_missing_or_failing_wrk_is_a_clear_error() {
+        let e = load(&wrk_opts("/nonexistent/wrk"))
+            .await
+            .err()
+            .expect("no such program");
+        let e = e.to_string();
+        assert!(
+            e.contains("could not run wrk as \"/nonexistent/wrk\""),
+            "{e}"
+        );
+        assert!(e.contains("apt-get install wrk"), "{e}");
+        assert!(e.contains("--client builtin"), "{e}");
+
+        // `false` stands for a wrk that exits with an error (a script written here could hit
+        // ETXTBSY when another test forks meanwhile).
+        let e = load(&wrk_opts("false")).await.err().expect("wrk exits 1");
+        let e = e.to_string();
+        assert!(e.contains("wrk failed (exit status: 1)"), "{e}");
     }
 }
