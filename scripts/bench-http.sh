@@ -6,7 +6,8 @@
 #   AUDIT=strict ./scripts/bench-http.sh …   (default async)
 #   UPSTREAM_DELAY_MS=5 ./scripts/bench-http.sh …   the upstream answers after 5 ms (default 0: from memory)
 #   ./scripts/bench-http.sh --client wrk …   wrk generates the load instead of custos-loadtest's own
-#     loop (scripts/bench-deps.sh installs it); --wrk-threads N (default 2)
+#     loop (scripts/bench-deps.sh installs it); --wrk-threads N (default 2), --wrk PATH (default:
+#     wrk on PATH)
 #   BENCH_BATCH=N ./scripts/bench-http.sh …   the edge's [bus.nats] publish_batch_max (default 64; 1
 #     publishes every event as its own bus message)
 # Needs: nats-server.
