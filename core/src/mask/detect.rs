@@ -650,6 +650,23 @@ impl LitSet {
             .expect("literal anchors compile");
         Some(LitSet { searcher, lits })
     }
+
+    /// Every occurrence (start, pattern) that starts in `from..end` and ends by `end`, in order.
+    /// The search restarts one byte after each match, so every occurrence is found wherever the
+    /// scan starts (no literal is a prefix of another: one match per start position).
+    fn occurrences<'t>(
+        &'t self,
+        text: &'t [u8],
+        from: usize,
+        end: usize,
+    ) -> impl Iterator<Item = (usize, u16)> + 't {
+        let mut at = from;
+        std::iter::from_fn(move || {
+            let m = self.searcher.find_in(text, Span::from(at..end))?;
+            at = m.start() + 1;
+            Some((m.start(), m.pattern().as_usize() as u16))
+        })
+    }
 }
 
 /// The compiled detectors.
@@ -1013,18 +1030,12 @@ impl Engine {
         match found {
             None => {
                 for (si, set) in self.sets.iter().enumerate() {
-                    // Restart one byte after each match: every occurrence is found, wherever the
-                    // scan starts (no literal is a prefix of another, so one match per start
-                    // position).
-                    let mut at = from;
-                    while let Some(m) = set.searcher.find_in(text, Span::from(at..span_end)) {
-                        let t = m.start();
+                    for (t, p) in set.occurrences(text, from, span_end) {
                         if t >= to {
                             break;
                         }
-                        let what = What::Lit(si as u8, m.pattern().as_usize() as u16);
+                        let what = What::Lit(si as u8, p);
                         recs.extend(self.eval_trig(text, g, t, t, what, out, und));
-                        at = t + 1;
                     }
                 }
             }
@@ -1084,11 +1095,7 @@ impl Engine {
         found.cursor = [0; MAX_SETS];
         for (set, occ) in self.sets.iter().zip(found.occ.iter_mut()) {
             occ.clear();
-            let mut at = 0;
-            while let Some(m) = set.searcher.find_in(text, Span::from(at..text.len())) {
-                occ.push((m.start(), m.pattern().as_usize() as u16));
-                at = m.start() + 1;
-            }
+            occ.extend(set.occurrences(text, 0, text.len()));
         }
     }
 
