@@ -856,8 +856,9 @@ fn upgraded_connections_are_relayed_after_authorization() -> Result<()> {
 }
 
 /// A real WebSocket client and server (the Python `websockets` library) through the edge: the
-/// messages pass unchanged, the custos token and the compression offer never reach the server,
-/// and the upgrade's record holds a masked transcript of every message, both ways.
+/// messages pass, the server's text messages reach the client masked (a secret split across the
+/// frames of one message too), the custos token and the compression offer never reach the
+/// server, and the upgrade's record holds a masked transcript of every message, both ways.
 #[test]
 fn websocket_messages_are_relayed_and_transcribed() -> Result<()> {
     let env = setup()?;
@@ -893,10 +894,10 @@ fn websocket_messages_are_relayed_and_transcribed() -> Result<()> {
         v["answers"],
         serde_json::json!([
             "HELLO TUNNEL",
-            "KEY AKIAIOSFODNN7EXAMPLE IN THREE FRAGMENTS",
+            "KEY [REDACTED:aws_access_key_id] IN THREE FRAGMENTS",
             1024
         ]),
-        "relayed unchanged both ways"
+        "relayed both ways, the server's text masked"
     );
     assert_eq!(
         v["extensions"],
@@ -912,12 +913,13 @@ fn websocket_messages_are_relayed_and_transcribed() -> Result<()> {
     assert_eq!((code, &v["status"]), (3, &serde_json::json!(403)), "{v}");
 
     let t0 = Instant::now();
-    let record = loop {
+    let (record, masked) = loop {
         let recs = env.audit(&["--connection", "ws", "--kind", "command_completed"])?;
         let found = recs.iter().find_map(|r| {
             let c = &event(r)["payload"]["command_completed"];
             let x = c["result_excerpt"].as_str().unwrap_or("");
-            (c["status"] == 101 && x.contains("> close")).then(|| x.to_string())
+            (c["status"] == 101 && x.contains("> close"))
+                .then(|| (x.to_string(), c["masked_values"].clone()))
         });
         if let Some(x) = found {
             break x;
@@ -947,6 +949,8 @@ fn websocket_messages_are_relayed_and_transcribed() -> Result<()> {
         !record.contains("AKIAIOSF") && !record.contains("ODNN7EXAMPLE"),
         "a secret split across fragments is masked in the record: {record}"
     );
+    // The value masked on its way to the client is counted.
+    assert_eq!(masked.as_u64(), Some(1), "{masked}");
     Ok(())
 }
 

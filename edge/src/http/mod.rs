@@ -745,7 +745,18 @@ impl HttpEdge {
         };
         if let Some(client_side) = upgrade {
             if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                return self.upgraded(resp, client_side, websocket, origin, command_id, started);
+                // The upstream's text messages are masked for the caller's scope.
+                let scope = self.svc.masker.scope(&conn.name, &who.groups);
+                let mask = (!scope.is_clear()).then(|| scope.stream());
+                return self.upgraded(
+                    resp,
+                    client_side,
+                    websocket,
+                    mask,
+                    origin,
+                    command_id,
+                    started,
+                );
             }
         }
         let tools_list: Vec<serde_json::Value> = mcp
@@ -802,11 +813,14 @@ impl HttpEdge {
 
     /// The upstream switched protocols (WebSocket …): answer 101 and relay bytes both ways,
     /// recording what went each way (a WebSocket's messages, see [`tunnel`]) when it closes.
+    /// With `mask`, a WebSocket upstream's text messages reach the client masked.
+    #[allow(clippy::too_many_arguments)]
     fn upgraded(
         self: &Arc<Self>,
         mut resp: Response<Incoming>,
         client_side: hyper::upgrade::OnUpgrade,
         websocket: bool,
+        mask: Option<custos_core::mask::StreamMasker>,
         origin: Origin,
         command_id: String,
         started: Instant,
@@ -835,7 +849,7 @@ impl HttpEdge {
                     return;
                 }
             };
-            let out = tunnel::relay(TokioIo::new(c), TokioIo::new(u), websocket).await;
+            let out = tunnel::relay(TokioIo::new(c), TokioIo::new(u), websocket, mask).await;
             let cap = respond::Captured {
                 head: out.record,
                 tail: Vec::new(),
@@ -850,7 +864,7 @@ impl HttpEdge {
                 101,
                 out.error,
                 cap,
-                Stats::default(),
+                out.stats,
             )
             .await;
         });
