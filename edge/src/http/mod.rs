@@ -14,7 +14,7 @@
 
 pub mod classify;
 mod respond;
-mod tunnel;
+pub mod tunnel;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

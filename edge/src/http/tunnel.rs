@@ -285,18 +285,35 @@ impl Downstream {
     /// Mask the next payload bytes of a text message; returns what may be released.
     fn text(&mut self, chunk: &[u8]) -> Vec<u8> {
         self.carry.extend_from_slice(chunk);
-        let valid = match std::str::from_utf8(&self.carry) {
-            Ok(_) => self.carry.len(),
-            Err(e) if e.error_len().is_none() => e.valid_up_to(),
-            // Not UTF-8: masked as lossy text, never passed unmasked.
-            Err(_) => {
-                let s = String::from_utf8_lossy(&self.carry).into_owned();
-                self.carry.clear();
-                return self.masker.push(&s, &mut self.stats).into_bytes();
+        // Decode what is complete. A byte that cannot start or continue a character becomes
+        // U+FFFD (masked as text, never passed on unmasked); a character cut at the end waits
+        // for its next bytes, so the text is the same however the frames were cut.
+        let mut s = String::new();
+        let mut at = 0;
+        loop {
+            match std::str::from_utf8(&self.carry[at..]) {
+                Ok(v) => {
+                    s.push_str(v);
+                    at = self.carry.len();
+                    break;
+                }
+                Err(e) => {
+                    let ok = at + e.valid_up_to();
+                    s.push_str(std::str::from_utf8(&self.carry[at..ok]).unwrap_or_default());
+                    match e.error_len() {
+                        Some(bad) => {
+                            s.push(char::REPLACEMENT_CHARACTER);
+                            at = ok + bad;
+                        }
+                        None => {
+                            at = ok;
+                            break;
+                        }
+                    }
+                }
             }
-        };
-        let rest = self.carry.split_off(valid);
-        let s = String::from_utf8(std::mem::replace(&mut self.carry, rest)).unwrap_or_default();
+        }
+        self.carry.drain(..at);
         self.masker.push(&s, &mut self.stats).into_bytes()
     }
 
@@ -535,6 +552,9 @@ mod tests {
         encode_frame(&mut up, true, 0, None, parts[2].as_bytes());
         encode_frame(&mut up, true, 2, None, &[0u8, 159, 146, 150, 255]);
         encode_frame(&mut up, true, 1, None, b"");
+        // Not UTF-8 (a stray byte, then a euro sign the splits below cut): U+FFFD, masked.
+        let raw = b"x\xffAKIAIOSFODNN7EXAMPLE \xe2\x82\xac end";
+        encode_frame(&mut up, true, 1, None, raw);
         encode_frame(&mut up, true, 8, None, b"\x03\xe8bye");
         let want = |s: &str| {
             m.mask_text(s, &mut Stats::default())
@@ -547,6 +567,7 @@ mod tests {
             (Kind::Text, want(&parts.concat())),
             (Kind::Binary, vec![0u8, 159, 146, 150, 255]),
             (Kind::Text, Vec::new()),
+            (Kind::Text, want(&String::from_utf8_lossy(raw))),
             (Kind::Close, b"\x03\xe8bye".to_vec()),
         ];
         assert!(String::from_utf8_lossy(&expect[2].1).contains("[REDACTED:aws_access_key_id]"));
@@ -563,7 +584,7 @@ mod tests {
                 "chunks {:?}",
                 chunks.iter().map(|c| c.len()).collect::<Vec<_>>()
             );
-            assert_eq!(d.stats.total(), 3, "two AWS keys and an e-mail");
+            assert_eq!(d.stats.total(), 4, "three AWS keys and an e-mail");
         };
         for i in 0..=up.len() {
             check(&[&up[..i], &up[i..]]);
