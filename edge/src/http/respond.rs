@@ -567,19 +567,42 @@ fn text_push(
     stats: &mut Stats,
 ) -> Vec<u8> {
     carry.extend_from_slice(chunk);
-    let valid = match std::str::from_utf8(carry) {
-        Ok(_) => carry.len(),
-        Err(e) if e.error_len().is_none() => e.valid_up_to(),
-        // Not UTF-8 at all: mask it as lossy text (never pass it unmasked).
-        Err(_) => {
-            let s = String::from_utf8_lossy(carry).into_owned();
-            carry.clear();
-            return m.push(&s, stats).into_bytes();
-        }
-    };
-    let rest = carry.split_off(valid);
-    let s = String::from_utf8(std::mem::replace(carry, rest)).unwrap_or_default();
+    let s = decode_utf8(carry);
     m.push(&s, stats).into_bytes()
+}
+
+/// Take the text that is complete from the front of `carry`. A byte that cannot start or
+/// continue a character becomes U+FFFD (masked as text, never passed on unmasked); a character
+/// cut at the end stays in `carry` for its next bytes, so the text is the same however the bytes
+/// were cut.
+pub(super) fn decode_utf8(carry: &mut Vec<u8>) -> String {
+    let mut s = String::new();
+    let mut at = 0;
+    loop {
+        match std::str::from_utf8(&carry[at..]) {
+            Ok(v) => {
+                s.push_str(v);
+                at = carry.len();
+                break;
+            }
+            Err(e) => {
+                let ok = at + e.valid_up_to();
+                s.push_str(std::str::from_utf8(&carry[at..ok]).unwrap_or_default());
+                match e.error_len() {
+                    Some(bad) => {
+                        s.push(char::REPLACEMENT_CHARACTER);
+                        at = ok + bad;
+                    }
+                    None => {
+                        at = ok;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    carry.drain(..at);
+    s
 }
 
 /// A response that declares a length up to this is read whole and masked in one go, without a
@@ -857,6 +880,29 @@ fn event_end(buf: &[u8]) -> Option<(usize, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn utf8_is_decoded_the_same_however_the_bytes_are_cut() {
+        let bytes = b"a\xff\xe2\x82\xacb\xc3(\xf0\x9f\x98\x80z\xe2\x82";
+        let whole = String::from_utf8_lossy(bytes).into_owned();
+        let finish = |carry: &mut Vec<u8>, s: &mut String| {
+            s.push_str(&String::from_utf8_lossy(carry));
+            carry.clear();
+        };
+        for i in 0..=bytes.len() {
+            for j in i..=bytes.len() {
+                let mut carry = Vec::new();
+                let mut s = String::new();
+                for piece in [&bytes[..i], &bytes[i..j], &bytes[j..]] {
+                    carry.extend_from_slice(piece);
+                    s.push_str(&decode_utf8(&mut carry));
+                    assert!(carry.len() < 4, "only a cut character waits");
+                }
+                finish(&mut carry, &mut s);
+                assert_eq!(s, whole, "cut at {i} and {j}");
+            }
+        }
+    }
 
     #[test]
     fn websocket_upgrades_are_told_from_other_protocols() {

@@ -285,35 +285,7 @@ impl Downstream {
     /// Mask the next payload bytes of a text message; returns what may be released.
     fn text(&mut self, chunk: &[u8]) -> Vec<u8> {
         self.carry.extend_from_slice(chunk);
-        // Decode what is complete. A byte that cannot start or continue a character becomes
-        // U+FFFD (masked as text, never passed on unmasked); a character cut at the end waits
-        // for its next bytes, so the text is the same however the frames were cut.
-        let mut s = String::new();
-        let mut at = 0;
-        loop {
-            match std::str::from_utf8(&self.carry[at..]) {
-                Ok(v) => {
-                    s.push_str(v);
-                    at = self.carry.len();
-                    break;
-                }
-                Err(e) => {
-                    let ok = at + e.valid_up_to();
-                    s.push_str(std::str::from_utf8(&self.carry[at..ok]).unwrap_or_default());
-                    match e.error_len() {
-                        Some(bad) => {
-                            s.push(char::REPLACEMENT_CHARACTER);
-                            at = ok + bad;
-                        }
-                        None => {
-                            at = ok;
-                            break;
-                        }
-                    }
-                }
-            }
-        }
-        self.carry.drain(..at);
+        let s = super::respond::decode_utf8(&mut self.carry);
         self.masker.push(&s, &mut self.stats).into_bytes()
     }
 
