@@ -305,8 +305,8 @@ impl Reader {
     }
 }
 
-/// How long the header starting with `h` is (2 until its second byte is known).
-fn head_len(h: &[u8]) -> usize {
+/// How long the frame header starting with `h` is (2 until its second byte is known).
+pub fn head_len(h: &[u8]) -> usize {
     if h.len() < 2 {
         return 2;
     }

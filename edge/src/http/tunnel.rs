@@ -9,7 +9,7 @@
 //! in the command-completed event of the upgrade request, when the tunnel closes.
 
 use custos_core::mask::{Stats, StreamMasker};
-use custos_core::ws::{Kind, Message, Reader};
+use custos_core::ws::{head_len, Kind, Message, Reader};
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -312,20 +312,6 @@ impl Downstream {
         custos_core::ws::encode_frame(out, fin, opcode, None, payload);
         self.started = true;
     }
-}
-
-/// How long the frame header starting with `h` is (2 until its second byte is known).
-fn head_len(h: &[u8]) -> usize {
-    if h.len() < 2 {
-        return 2;
-    }
-    let ext = match h[1] & 0x7F {
-        126 => 2,
-        127 => 8,
-        _ => 0,
-    };
-    let mask = if h[1] & 0x80 != 0 { 4 } else { 0 };
-    2 + ext + mask
 }
 
 /// Copy `r` to `w`, feeding `side` what passes, until `r` ends (then `w` is shut down). With
