@@ -236,6 +236,11 @@ impl Downstream {
             127 => u64::from_be_bytes(h[2..10].try_into().expect("8 bytes")),
             n => u64::from(n),
         };
+        if len >> 63 != 0 {
+            return Err(format!(
+                "the upstream sent a frame length of {len}, above the 2^63 - 1 that RFC 6455 allows"
+            ));
+        }
         let part = match b0 & 0x0F {
             op @ (1 | 2) => {
                 if self.open.is_some() {
@@ -554,7 +559,7 @@ mod tests {
     #[test]
     fn frames_that_cannot_be_masked_are_refused() {
         let m = masker();
-        let cases: [(Vec<u8>, &str); 5] = [
+        let cases: [(Vec<u8>, &str); 6] = [
             (
                 {
                     let mut b = Vec::new();
@@ -575,6 +580,11 @@ mod tests {
                 "inside a fragmented one",
             ),
             (vec![0x83, 0x00], "opcode 0x3"),
+            (
+                // Found by the ws_downstream fuzz target: passed on, a reader refused it.
+                [&[0x82u8, 0x7F][..], &[0xFF; 8]].concat(),
+                "frame length of 18446744073709551615",
+            ),
         ];
         for (bytes, why) in cases {
             let mut d = Downstream::new(m.scope("ws", &[]).stream());
