@@ -190,10 +190,11 @@ impl Downstream {
                 let left = left - n as u64;
                 match part {
                     Part::Pass => out.extend_from_slice(now),
-                    Part::Text => {
+                    Part::Text if !now.is_empty() => {
                         let masked = self.text(now);
                         self.fragment(out, false, &masked);
                     }
+                    Part::Text => {}
                 }
                 if left > 0 {
                     self.frame = Some((part, fin, left));
@@ -346,7 +347,9 @@ where
                 masked.clear();
                 let res = d.feed(&buf[..n], &mut masked);
                 // What was rewritten before the fault still goes out; nothing after it does.
-                w.write_all(&masked).await?;
+                if !masked.is_empty() {
+                    w.write_all(&masked).await?;
+                }
                 if let Err(e) = res {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::InvalidData,
