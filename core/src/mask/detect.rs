@@ -2390,10 +2390,24 @@ static CLASS: [u8; 256] = {
     t
 };
 
-/// Branch-free test that the digit run starting at `d` cannot start a match: shorter than 7
-/// digits, not continued by one or two separators and a digit, and not preceded by two capital
-/// letters (or two capitals and a space). Exactly the cases in which [`digit_shape`] gives
-/// `total < 7 && !letters`; it answers only when all the bytes it needs are present.
+/// Test that the digit run starting at `d` cannot start a match, whatever bytes may follow and
+/// however the gap is later cut; it answers only when all the bytes it needs are present.
+///
+/// Two cases, neither preceded by two capital letters (or two capitals and a space), so no IBAN
+/// or UK NINO:
+/// - a run shorter than 7 digits that no separator continues: [`digit_shape`] gives
+///   `total < 7` (the branch-free test below);
+/// - a cluster of several runs (dates, times, IP addresses, versions) whose first run has 1, 2,
+///   4, 5 or 6 digits, with fewer than 13 digits in all, not led by `+` and not starting with
+///   `0` ([`cluster_skips`]). [`Engine::digit_run_in`] then tries no detector: an ES DNI needs
+///   a first run of 7 or 8, a US SSN or a phone without `+` or `0` a first run of 3, a card 13
+///   digits, a phone led by `+` or `0` that lead or digit.
+///
+/// A later cut of the gap (a match found next to the cluster) only takes bytes away at either
+/// end: the total and the first run can only shrink, the lead and the first digit stay or become
+/// unreadable, and capitals can only become unreadable. A first run cut to 3 digits leaves 3 in
+/// all. So a skipped run stays skipped and needs no record; `quick_skip_is_final` tests this
+/// against `digit_run` in cut and grown gaps.
 #[inline(always)]
 fn quick_skip(text: &[u8], g: Gap, d: usize) -> bool {
     if d < g.lo + 3 || d + 17 > g.hi.min(text.len()) {
@@ -2408,7 +2422,61 @@ fn quick_skip(text: &[u8], g: Gap, d: usize) -> bool {
     let continues =
         (c0 & C_SEP != 0) & ((c1 & C_DIGIT != 0) | ((c1 & C_SEP != 0) & (c2 & C_DIGIT != 0)));
     let letters = ((p1 & p2 & C_UPPER) != 0) | ((p1 & C_SPACE != 0) & ((p2 & p3 & C_UPPER) != 0));
-    (run < 7) & !continues & !letters
+    if letters | (run >= 7) {
+        return false;
+    }
+    if !continues {
+        return true;
+    }
+    run != 3 && text[d] != b'0' && text[d - 1] != b'+' && cluster_skips(text, g, d)
+}
+
+/// The cluster at `d` (as [`digit_shape`] reads it) has fewer than 13 digits and ends before the
+/// bytes still to come: when the gap may grow (`g.more`), every byte the shape reads is below its
+/// end. Beyond the end of a closed gap nothing is a digit or a separator.
+#[inline]
+fn cluster_skips(text: &[u8], g: Gap, d: usize) -> bool {
+    let lim = g.hi.min(text.len());
+    // Ok(None) past a closed gap's end; Err(()) past a growing gap's end (the answer waits).
+    let class = |i: usize| -> Result<u8, ()> {
+        if i < lim {
+            Ok(CLASS[text[i] as usize])
+        } else if g.more {
+            Err(())
+        } else {
+            Ok(0)
+        }
+    };
+    let mut j = d;
+    let mut total = 0;
+    loop {
+        while j < lim && text[j].is_ascii_digit() {
+            total += 1;
+            j += 1;
+        }
+        if total >= 13 {
+            return false;
+        }
+        // One or two separators, then a digit, continue the cluster.
+        let step = (|| -> Result<usize, ()> {
+            if class(j)? & C_SEP == 0 {
+                return Ok(0);
+            }
+            let c1 = class(j + 1)?;
+            if c1 & C_DIGIT != 0 {
+                return Ok(1);
+            }
+            if c1 & C_SEP != 0 && class(j + 2)? & C_DIGIT != 0 {
+                return Ok(2);
+            }
+            Ok(0)
+        })();
+        match step {
+            Ok(0) => return true,
+            Ok(k) => j += k,
+            Err(()) => return false,
+        }
+    }
 }
 
 /// The digit cluster starting at a run start `d`: digits joined by at most two of ` -.()/`.
@@ -2630,5 +2698,138 @@ mod partial_ends_tests {
                 "{p:?}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod quick_skip_tests {
+    use super::{quick_skip, Gap};
+    use crate::mask::{MaskConfig, Masker};
+
+    /// A cluster in the shape of an id, a phone or a card number (13 digits or more led by `4`
+    /// pass the Luhn check half of the time), groups joined by separators.
+    fn shaped(text: &mut Vec<u8>, next: &mut impl FnMut(usize) -> usize) {
+        const GROUPS: &[&[usize]] = &[
+            &[3, 2, 4],
+            &[3, 3, 4],
+            &[4, 4, 5],
+            &[4, 4, 4, 4],
+            &[4, 2, 2],
+            &[2, 2, 2, 2],
+            &[1, 3, 3, 4],
+            &[4, 6, 5],
+            &[2, 4, 7],
+            &[6, 6, 1],
+            &[5, 4, 4],
+        ];
+        const SEPS: &[&[u8]] = &[b" ", b"-", b".", b"/", b" -", b") ", b"  ", b"("];
+        let groups = GROUPS[next(GROUPS.len())];
+        let mut digits: Vec<u8> = (0..groups.iter().sum::<usize>())
+            .map(|_| next(10) as u8)
+            .collect();
+        if digits.len() >= 13 && next(2) == 0 {
+            digits[0] = 4;
+            let n = digits.len();
+            digits[n - 1] = 0;
+            let sum: usize = digits
+                .iter()
+                .rev()
+                .enumerate()
+                .map(|(i, &d)| {
+                    let d = usize::from(d) * if i % 2 == 1 { 2 } else { 1 };
+                    d / 10 + d % 10
+                })
+                .sum();
+            digits[n - 1] = ((10 - sum % 10) % 10) as u8;
+        }
+        // One separator throughout half of the time (card numbers need that).
+        let one = (next(2) == 0).then(|| SEPS[next(SEPS.len())]);
+        let mut k = 0;
+        for (i, &len) in groups.iter().enumerate() {
+            if i > 0 {
+                text.extend_from_slice(one.unwrap_or_else(|| SEPS[next(SEPS.len())]));
+            }
+            text.extend(digits[k..k + len].iter().map(|d| b'0' + d));
+            k += len;
+        }
+    }
+
+    /// A digit run that [`quick_skip`] rules out finds nothing in `digit_run`, in the gap it was
+    /// decided in, in any cut of that gap, and (when the gap could grow) whatever bytes came next.
+    #[test]
+    fn quick_skip_is_final() {
+        let m = Masker::new(&MaskConfig::default()).expect("default config");
+        let e = m.inner.engine();
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n as u64) as usize
+        };
+        let pieces: &[&[u8]] = &[
+            b" ", b"-", b".", b"/", b"(", b")", b"  ", b" -", b"+", b"AB", b"X", b"ES", b"a", b":",
+            b"T", b"0", b"\n", b"=",
+        ];
+        let (mut skipped, mut clusters) = (0, 0);
+        for _ in 0..12000 {
+            let len = 30 + next(50);
+            let mut text = Vec::with_capacity(len + 12);
+            while text.len() < len {
+                if next(4) == 0 {
+                    shaped(&mut text, &mut next);
+                } else if next(2) == 0 {
+                    for _ in 0..1 + next(10) {
+                        text.push(b'0' + next(10) as u8);
+                    }
+                } else {
+                    text.extend_from_slice(pieces[next(pieces.len())]);
+                }
+            }
+            let n = next(text.len() + 1);
+            let lo = next(n.min(6) + 1);
+            for more in [true, false] {
+                let seen = &text[..n];
+                let g = Gap { lo, hi: n, more };
+                for d in lo..n {
+                    if !seen[d].is_ascii_digit()
+                        || (d > 0 && seen[d - 1].is_ascii_digit())
+                        || !quick_skip(seen, g, d)
+                    {
+                        continue;
+                    }
+                    skipped += 1;
+                    let full: &[u8] = if more { &text } else { seen };
+                    let run = seen[d..].iter().take_while(|b| b.is_ascii_digit()).count();
+                    if super::is_sep(seen[d + run]) {
+                        clusters += 1;
+                    }
+                    // Cuts that take away the lead, or the bytes before it; every end.
+                    for lo2 in [lo, d.saturating_sub(1).max(lo), d] {
+                        for hi2 in d + 1..=full.len().min(d + 48) {
+                            for more2 in [false, hi2 == full.len()] {
+                                let mut out = Vec::new();
+                                let g2 = Gap {
+                                    lo: lo2,
+                                    hi: hi2,
+                                    more: more2,
+                                };
+                                let _ = e.digit_run(full, g2, d, &mut out);
+                                assert!(
+                                    out.is_empty(),
+                                    "{:?}: run at {d} skipped in {lo}..{n} (more {more}) but \
+                                     found {out:?} in {lo2}..{hi2}",
+                                    String::from_utf8_lossy(full)
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            skipped > 4000 && clusters > 1500,
+            "{skipped} skipped, {clusters} clusters"
+        );
     }
 }
