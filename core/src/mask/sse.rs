@@ -605,6 +605,11 @@ pub struct SseMasker {
     clean: VecDeque<String>,
     /// LlmDeltas: the parsed JSON of the current event (see [`fast`]).
     tree: fast::Tree,
+    /// The shape of the last common chat-completions event, checked first (see [`fast::Shape`]).
+    shape: Option<fast::Shape>,
+    /// Events masked by their shape (tests check that the path is taken).
+    #[cfg(test)]
+    shape_hits: usize,
     /// Use the byte-level path of [`fast`] (tests turn it off to compare with the general path).
     fast: bool,
 }
@@ -639,6 +644,9 @@ impl SseMasker {
             streams: Vec::new(),
             clean: VecDeque::new(),
             tree: fast::Tree::default(),
+            shape: None,
+            #[cfg(test)]
+            shape_hits: 0,
             fast: true,
         }
     }
@@ -877,6 +885,13 @@ impl SseMasker {
         if text.trim() == "[DONE]" {
             self.end_streams(&[End::All], &[], out, stats);
             raw(out);
+            return;
+        }
+        // An event with the shape of the last common one needs no parse.
+        if self.fast
+            && event_line.is_none()
+            && self.chat_again(ev, lines, &data, text, blank, out, stats)
+        {
             return;
         }
         // The byte-level path for the common chat-completions event; `verified`: the payload

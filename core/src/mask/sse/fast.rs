@@ -238,36 +238,9 @@ impl Parser<'_> {
 
     /// A string at the current quote: (start, end, has escapes).
     fn string(&mut self) -> Option<(usize, usize, bool)> {
-        let start = self.i;
-        let mut i = self.i + 1;
-        let mut esc = false;
-        loop {
-            // Skip to the next quote, backslash or control character (8 bytes a step; the
-            // strings of an event are short, where a vector search costs more than it saves).
-            i = find_special(self.b, i)?;
-            match *self.b.get(i)? {
-                b'"' => {
-                    self.i = i + 1;
-                    return Some((start, self.i, esc));
-                }
-                b'\\' => {
-                    esc = true;
-                    match *self.b.get(i + 1)? {
-                        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => i += 2,
-                        b'u' => {
-                            let hex = self.b.get(i + 2..i + 6)?;
-                            if !hex.iter().all(u8::is_ascii_hexdigit) {
-                                return None;
-                            }
-                            i += 6;
-                        }
-                        _ => return None,
-                    }
-                }
-                0..=0x1f => return None,
-                _ => i += 1,
-            }
-        }
+        let r = string_at(self.b, self.i)?;
+        self.i = r.1;
+        Some(r)
     }
 
     fn literal(&mut self, word: &[u8]) -> Option<Kind> {
@@ -310,6 +283,37 @@ impl Parser<'_> {
             return None;
         }
         Some(())
+    }
+}
+
+/// The JSON string whose opening quote is at `start`: (start, one past its closing quote, has
+/// escapes); `None` when it is not a valid, closed JSON string.
+fn string_at(b: &[u8], start: usize) -> Option<(usize, usize, bool)> {
+    let mut i = start + 1;
+    let mut esc = false;
+    loop {
+        // Skip to the next quote, backslash or control character (8 bytes a step; the strings
+        // of an event are short, where a vector search costs more than it saves).
+        i = find_special(b, i)?;
+        match *b.get(i)? {
+            b'"' => return Some((start, i + 1, esc)),
+            b'\\' => {
+                esc = true;
+                match *b.get(i + 1)? {
+                    b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => i += 2,
+                    b'u' => {
+                        let hex = b.get(i + 2..i + 6)?;
+                        if !hex.iter().all(u8::is_ascii_hexdigit) {
+                            return None;
+                        }
+                        i += 6;
+                    }
+                    _ => return None,
+                }
+            }
+            0..=0x1f => return None,
+            _ => i += 1,
+        }
     }
 }
 
@@ -370,6 +374,37 @@ fn chat_shape(tree: &Tree, text: &str) -> Option<Chat> {
     Some(Chat { idx, content, end })
 }
 
+/// The bytes around the content string of the last event that took the byte-level path with
+/// one data line, no `event:` line, no `finish_reason`, and no other string value to mask.
+///
+/// An event whose payload is `head`, then one valid JSON string, then `tail` has the same tree:
+/// every byte before the string is the same, so the lexer is at the same point when the string
+/// starts (it is the `content` value), and the same bytes after it close the same containers.
+/// So it has the same shape, choice index and member names, and the same other string values,
+/// which needed no masking. Only the content differs, and it goes through the same steps as in a
+/// full parse. The next event of a stream is checked against this first: a byte comparison and
+/// one string scan instead of a parse.
+#[derive(Debug)]
+pub(super) struct Shape {
+    /// The payload up to and including the content string's opening quote.
+    head: Vec<u8>,
+    /// The payload after the content string's closing quote.
+    tail: Vec<u8>,
+    idx: u64,
+}
+
+/// What the byte-level path masks in one event.
+struct Parts<'a> {
+    idx: u64,
+    end: bool,
+    /// The content string: (opening quote, one past the closing quote).
+    content: (usize, usize),
+    /// Its decoded value.
+    delta: std::borrow::Cow<'a, str>,
+    /// The other string values that were masked: (quote, one past the quote, masked value).
+    reps: Vec<(usize, usize, String)>,
+}
+
 impl SseMasker {
     /// Mask a chat-completions delta event whose JSON payload `text` was parsed into
     /// `self.tree`, if it has the common shape (see the module documentation). False, with
@@ -386,42 +421,93 @@ impl SseMasker {
         out: &mut Vec<u8>,
         stats: &mut Stats,
     ) -> bool {
+        if data.is_empty() {
+            return false;
+        }
         let tree = std::mem::take(&mut self.tree);
-        let done = self.chat_fast_in(&tree, ev, lines, data, event_line, text, blank, out, stats);
+        let parts = self.chat_parts(&tree, text, stats);
         self.tree = tree;
-        done
+        let Some(parts) = parts else {
+            return false;
+        };
+        if data.len() == 1 && event_line.is_none() && !parts.end && parts.reps.is_empty() {
+            let (q, e) = parts.content;
+            self.shape = Some(Shape {
+                head: text.as_bytes()[..=q].to_vec(),
+                tail: text.as_bytes()[e..].to_vec(),
+                idx: parts.idx,
+            });
+        }
+        self.chat_apply(parts, ev, lines, data, event_line, text, blank, out, stats)
     }
 
+    /// Mask an event of one data line and no `event:` line whose payload `text` has the
+    /// [`Shape`] of an earlier one, without parsing it. False, with nothing done, when it does
+    /// not have that shape (or its content does not decode).
     #[allow(clippy::too_many_arguments)]
-    fn chat_fast_in(
+    pub(super) fn chat_again(
         &mut self,
-        tree: &Tree,
         ev: &[u8],
         lines: &[Line],
         data: &[(Line, usize)],
-        event_line: Option<&[u8]>,
         text: &str,
         blank: &[u8],
         out: &mut Vec<u8>,
         stats: &mut Stats,
     ) -> bool {
-        let Some(chat) = chat_shape(tree, text) else {
+        let Some(shape) = self.shape.as_ref().filter(|_| data.len() == 1) else {
             return false;
         };
-        let Some(&(first, vstart)) = data.first() else {
+        let b = text.as_bytes();
+        if !b.starts_with(&shape.head) {
+            return false;
+        }
+        let q = shape.head.len() - 1;
+        let Some((_, e, esc)) = string_at(b, q) else {
             return false;
         };
+        if b[e..] != shape.tail[..] {
+            return false;
+        }
+        let delta = if esc {
+            match serde_json::from_str::<String>(&text[q..e]) {
+                Ok(s) => s.into(),
+                Err(_) => return false,
+            }
+        } else {
+            text[q + 1..e - 1].into()
+        };
+        #[cfg(test)]
+        {
+            self.shape_hits += 1;
+        }
+        let parts = Parts {
+            idx: shape.idx,
+            end: false,
+            content: (q, e),
+            delta,
+            reps: Vec::new(),
+        };
+        self.chat_apply(parts, ev, lines, data, None, text, blank, out, stats)
+    }
+
+    /// The parts of a common chat-completions event parsed into `tree`, with its other string
+    /// values masked; `None` for any other event, before anything is counted.
+    fn chat_parts<'t>(
+        &mut self,
+        tree: &Tree,
+        text: &'t str,
+        stats: &mut Stats,
+    ) -> Option<Parts<'t>> {
+        let chat = chat_shape(tree, text)?;
         // Decode the strings with escapes first: nothing may be done before the last check.
         let mut decoded: Vec<(usize, String)> = Vec::new();
         for (n, x) in tree.nodes.iter().enumerate() {
             if x.kind == Kind::Str && x.esc {
-                match text
+                let s = text
                     .get(x.start..x.end)
-                    .and_then(|raw| serde_json::from_str::<String>(raw).ok())
-                {
-                    Some(s) => decoded.push((n, s)),
-                    None => return false,
-                }
+                    .and_then(|raw| serde_json::from_str::<String>(raw).ok())?;
+                decoded.push((n, s));
             }
         }
         // `decoded` is in node order: a binary search keeps an event of many escaped strings
@@ -434,7 +520,7 @@ impl SseMasker {
             text.get(x.start + 1..x.end - 1).unwrap_or("")
         };
         // The other string values, masked as the general path masks them.
-        let mut reps: Vec<(usize, String)> = Vec::new();
+        let mut reps = Vec::new();
         for (n, x) in tree.nodes.iter().enumerate() {
             if x.kind != Kind::Str || n == chat.content {
                 continue;
@@ -442,25 +528,63 @@ impl SseMasker {
             let key = x.key.and_then(|(a, b)| text.get(a..b));
             if let Some(m) = super::mask_cached(&self.inner, key, value(n), &mut self.clean, stats)
             {
-                reps.push((n, m));
+                reps.push((x.start, x.end, m));
             }
         }
+        let c = tree.nodes[chat.content];
+        let delta = match decoded.binary_search_by_key(&chat.content, |(d, _)| *d) {
+            Ok(k) => std::mem::take(&mut decoded[k].1).into(),
+            Err(_) => text.get(c.start + 1..c.end - 1).unwrap_or("").into(),
+        };
+        Some(Parts {
+            idx: chat.idx,
+            end: chat.end,
+            content: (c.start, c.end),
+            delta,
+            reps,
+        })
+    }
+
+    /// Feed the delta of `parts` to its stream and write the event with what the stream
+    /// released (and the other masked values) in place.
+    #[allow(clippy::too_many_arguments)]
+    fn chat_apply(
+        &mut self,
+        parts: Parts<'_>,
+        ev: &[u8],
+        lines: &[Line],
+        data: &[(Line, usize)],
+        event_line: Option<&[u8]>,
+        text: &str,
+        blank: &[u8],
+        out: &mut Vec<u8>,
+        stats: &mut Stats,
+    ) -> bool {
+        let Some(&(first, vstart)) = data.first() else {
+            return false;
+        };
+        let Parts {
+            idx,
+            end,
+            content,
+            delta,
+            mut reps,
+        } = parts;
         // The key of the choice's delta stream; choice 0 (nearly every stream) without a
         // formatted string per event.
-        let key: std::borrow::Cow<'static, str> = match chat.idx {
+        let key: std::borrow::Cow<'static, str> = match idx {
             0 => "chat|0|content".into(),
             i => format!("chat|{i}|content").into(),
         };
-        let ends = if chat.end {
-            vec![End::Prefix(format!("chat|{}|", chat.idx))]
+        let ends = if end {
+            vec![End::Prefix(format!("chat|{idx}|"))]
         } else {
             Vec::new()
         };
         self.end_streams(&ends, &[&key], out, stats);
-        let delta = value(chat.content);
-        let (rel, open) = self.feed_delta(&key, delta, &ends, out, stats);
+        let (rel, open) = self.feed_delta(&key, &delta, &ends, out, stats);
         if rel != delta {
-            reps.push((chat.content, rel));
+            reps.push((content.0, content.1, rel));
         }
         let prefix = &ev[first.start..vstart];
         let term = &ev[first.end..first.next];
@@ -470,16 +594,15 @@ impl SseMasker {
             out.extend_from_slice(blank);
             text
         } else {
-            reps.sort_unstable_by_key(|(n, _)| *n);
+            reps.sort_unstable_by_key(|r| r.0);
             let mut buf = Vec::with_capacity(text.len() + 64);
             let mut pos = 0;
-            for (n, s) in &reps {
-                let x = tree.nodes[*n];
-                buf.extend_from_slice(text.as_bytes().get(pos..x.start).unwrap_or_default());
+            for (start, end, s) in &reps {
+                buf.extend_from_slice(text.as_bytes().get(pos..*start).unwrap_or_default());
                 buf.push(b'"');
                 escape_into(&mut buf, s);
                 buf.push(b'"');
-                pos = x.end;
+                pos = *end;
             }
             buf.extend_from_slice(text.as_bytes().get(pos..).unwrap_or_default());
             // Built from whole strings and escaped text: always UTF-8.
@@ -575,6 +698,51 @@ mod tests {
         // Spaces, escapes and a pretty layout are JSON too.
         let text = "{ \"id\" : \"x\\/y\" , \"choices\" : [ { \"index\" : 0 , \"delta\" : { \"content\" : \"a\\u00e9\\n\" } , \"finish_reason\" : null } ] , \"n\" : -1.25 } ";
         assert!(takes_fast_path(text));
+    }
+
+    /// Events with the bytes of the last one around their content take the shape path, and
+    /// give the same bytes as the general path; any other difference falls back.
+    #[test]
+    fn an_event_shaped_like_the_last_skips_the_parse() {
+        let m = masker();
+        let mut other_id = chat(0, "z", None);
+        other_id["id"] = json!("chatcmpl-2");
+        let mut noted = chat(0, "n", None);
+        noted["note"] = json!(format!("key {AWS}"));
+        let events = [
+            (chat(0, "tok", None), false),
+            // Escapes, and a secret split across two events.
+            (chat(0, "a \"q\" \n é", None), true),
+            (chat(0, &AWS[..9], None), true),
+            (chat(0, &AWS[9..], None), true),
+            // Content that reads like the bytes after it.
+            (chat(0, "\"}}]}", None), true),
+            (other_id, false),
+            (chat(0, "y", None), false),
+            (chat(0, "y2", None), true),
+            (chat(1, "other choice", None), false),
+            // A masked field is not part of a shape: the next event parses again.
+            (noted, false),
+            (chat(1, "w", None), true),
+            (chat(1, "", Some("stop")), false),
+            (chat(0, "", Some("stop")), false),
+        ];
+        let mut input = String::new();
+        let mut sm = SseMasker::new(m.audit_scope(), SseMode::LlmDeltas);
+        let mut st = Stats::default();
+        let mut out = Vec::new();
+        for (v, hit) in &events {
+            let ev = format!("data: {v}\n\n");
+            let before = sm.shape_hits;
+            out.extend(sm.push(ev.as_bytes(), &mut st));
+            assert_eq!(sm.shape_hits - before, usize::from(*hit), "{ev}");
+            input.push_str(&ev);
+        }
+        out.extend(sm.finish(&mut st));
+        let fast = String::from_utf8(out).expect("utf-8");
+        assert!(!fast.contains(AWS) && !fast.contains(&AWS[9..]), "{fast}");
+        let general = String::from_utf8(run(&m, false, input.as_bytes(), &[])).expect("utf-8");
+        assert_eq!(fast, general);
     }
 
     #[test]
