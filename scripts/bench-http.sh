@@ -10,6 +10,9 @@
 #     wrk on PATH)
 #   BENCH_BATCH=N ./scripts/bench-http.sh …   the edge's [bus.nats] publish_batch_max (default 64; 1
 #     publishes every event as its own bus message)
+#   When haproxy is installed (scripts/bench-deps.sh), it runs as a plain HTTP reverse proxy of the
+#   same upstream and is measured in the same rounds (the baseline a proxy that does nothing else
+#   reaches on these cores); BASELINE=none leaves it out.
 # Needs: nats-server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -77,18 +80,42 @@ TOML
 CUSTOS_LOG=warn "$BIN/custos" edge --config "$work/edge.toml" 2>"$work/edge.log" & pids+=($!)
 wait_port "$EDGE_PORT"
 for _ in $(seq 100); do curl -sf -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$EDGE_PORT/bench/items" >/dev/null && break; sleep 0.1; done
+baseline=()
+if [ "${BASELINE:-haproxy}" = haproxy ] && command -v haproxy >/dev/null 2>&1; then
+  HAPROXY_PORT=$(port)
+  cat > "$work/haproxy.cfg" <<CFG
+global
+    maxconn 4096
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+frontend api
+    bind 127.0.0.1:$HAPROXY_PORT
+    default_backend api
+backend api
+    http-reuse always
+    server up1 127.0.0.1:$UP_PORT
+CFG
+  haproxy -db -f "$work/haproxy.cfg" >"$work/haproxy.log" 2>&1 & pids+=($!)
+  wait_port "$HAPROXY_PORT"
+  baseline=(--baseline "haproxy=http://127.0.0.1:$HAPROXY_PORT/items")
+  echo "baseline: $(haproxy -v | head -1), mode http"
+fi
 echo "audit_mode=$AUDIT upstream_delay_ms=${UPSTREAM_DELAY_MS:-0}"
 cpu() { awk -v t="$(getconf CLK_TCK)" '{printf "%.2f", ($14+$15)/t}' "/proc/$1/stat"; }
-names=(upstream nats controlplane edge)
+names=(upstream nats controlplane edge haproxy)
 before=(); for p in "${pids[@]}"; do before+=("$(cpu "$p")"); done
 # PERF_EDGE=FILE: sample the edge with perf during the runs (perf report -i FILE).
 if [ -n "${PERF_EDGE:-}" ]; then
   perf record -q -F 499 -g -p "${pids[3]}" -o "$PERF_EDGE" >/dev/null 2>&1 & perf_pid=$!
 fi
 "$BIN/custos-loadtest" http --direct "http://127.0.0.1:$UP_PORT/items" \
-  --edge "http://127.0.0.1:$EDGE_PORT/bench/items" --edge-header "Authorization: Bearer $TOKEN" "$@"
+  --edge "http://127.0.0.1:$EDGE_PORT/bench/items" --edge-header "Authorization: Bearer $TOKEN" \
+  "${baseline[@]}" "$@"
 # CPU seconds each process used during the measured runs (the edge, NATS and the control plane
-# work only in the edge rounds; the upstream in both).
+# work only in the edge rounds, haproxy only in its own; the upstream in all).
 if [ -n "${perf_pid:-}" ]; then kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true; fi
 echo -n "CPU seconds during the runs:"
 for i in "${!pids[@]}"; do

@@ -94,6 +94,7 @@ pub struct LoadOpts {
     pub wrk_program: String,
 }
 
+#[derive(Clone, Debug)]
 pub struct LoadResult {
     pub errors: u64,
     pub rps: f64,
@@ -303,6 +304,10 @@ pub struct CompareOpts {
     /// Header for the edge requests (the custos token), `Name: value`.
     #[arg(long = "edge-header")]
     pub edge_headers: Vec<String>,
+    /// Another proxy in front of the same upstream, measured in the same rounds:
+    /// `NAME=URL` (repeatable; `scripts/bench-http.sh` adds haproxy when it is installed).
+    #[arg(long = "baseline", value_name = "NAME=URL")]
+    pub baselines: Vec<String>,
     #[arg(long, default_value_t = 16)]
     pub connections: usize,
     #[arg(long, default_value_t = 10)]
@@ -349,17 +354,31 @@ pub async fn compare(o: &CompareOpts) -> Result<String> {
         wrk_threads: o.wrk_threads,
         wrk_program: o.wrk_program.clone(),
     };
-    for x in [&direct, &edge] {
+    // Targets in the order each round runs them: direct, the baselines, the edge.
+    let mut targets = vec![("direct".to_string(), direct)];
+    for b in &o.baselines {
+        let (name, url) = baseline(b)?;
+        targets.push((
+            name,
+            LoadOpts {
+                url,
+                headers: vec![],
+                ..targets[0].1.clone()
+            },
+        ));
+    }
+    targets.push(("edge".to_string(), edge));
+    for (_, x) in &targets {
         load(&LoadOpts {
             seconds: o.warmup,
             ..x.clone()
         })
         .await?;
     }
-    let (mut d, mut e) = (Vec::new(), Vec::new());
+    let mut results: Vec<Vec<LoadResult>> = vec![Vec::new(); targets.len()];
     let mut rows = String::new();
     for round in 1..=o.rounds {
-        for (name, x, acc) in [("direct", &direct, &mut d), ("edge", &edge, &mut e)] {
+        for ((name, x), acc) in targets.iter().zip(&mut results) {
             let r = load(x).await?;
             rows.push_str(&format!(
                 "| {round} | {name} | {:.0} | {:.2} | {:.2} | {} |\n",
@@ -372,13 +391,30 @@ pub async fn compare(o: &CompareOpts) -> Result<String> {
         }
     }
     let med = |v: &[LoadResult], f: &dyn Fn(&LoadResult) -> f64| median(v.iter().map(f).collect());
-    let (drps, erps) = (med(&d, &|r| r.rps), med(&e, &|r| r.rps));
-    let (dp50, ep50) = (med(&d, &|r| r.p50_us as f64), med(&e, &|r| r.p50_us as f64));
-    let (dp99, ep99) = (med(&d, &|r| r.p99_us as f64), med(&e, &|r| r.p99_us as f64));
+    let rps = |v: &[LoadResult]| med(v, &|r| r.rps);
+    let p50 = |v: &[LoadResult]| med(v, &|r| r.p50_us as f64);
+    let p99 = |v: &[LoadResult]| med(v, &|r| r.p99_us as f64);
+    let d = &results[0];
+    let drps = rps(d);
+    // Each proxy against direct: "name R req/s (ratio X); added latency p50 A ms, p99 B ms".
+    let against = |name: &str, v: &[LoadResult]| {
+        format!(
+            "{name} {:.0} req/s (ratio {:.2}); added latency p50 {:.2} ms, p99 {:.2} ms",
+            rps(v),
+            rps(v) / drps,
+            (p50(v) - p50(d)) / 1000.0,
+            (p99(v) - p99(d)) / 1000.0
+        )
+    };
+    let mut summary = against("edge", &results[results.len() - 1]);
+    for ((name, _), v) in targets.iter().zip(&results).skip(1) {
+        if name != "edge" {
+            summary.push_str(&format!("; {}", against(name, v)));
+        }
+    }
     Ok(format!(
         "| round | target | req/s | p50 ms | p99 ms | errors |\n| --- | --- | ---: | ---: | ---: | ---: |\n{rows}\n\
-         Medians over {} rounds of {} s, {} connections, load from {}: direct {drps:.0} req/s, edge {erps:.0} req/s \
-         (ratio {:.2}); added latency p50 {:.2} ms, p99 {:.2} ms.\n",
+         Medians over {} rounds of {} s, {} connections, load from {}: direct {drps:.0} req/s, {summary}.\n",
         o.rounds,
         o.seconds,
         o.connections,
@@ -386,10 +422,21 @@ pub async fn compare(o: &CompareOpts) -> Result<String> {
             Client::Builtin => "custos-loadtest".to_string(),
             Client::Wrk => format!("wrk ({} threads)", o.wrk_threads),
         },
-        erps / drps,
-        (ep50 - dp50) / 1000.0,
-        (ep99 - dp99) / 1000.0
     ))
+}
+
+/// A `--baseline` value: `NAME=URL`, the name not `direct` or `edge`.
+fn baseline(spec: &str) -> Result<(String, String)> {
+    let (name, url) = spec
+        .split_once('=')
+        .filter(|(n, u)| !n.is_empty() && !u.is_empty())
+        .with_context(|| format!("--baseline wants NAME=URL, got {spec:?}"))?;
+    if matches!(name, "direct" | "edge") {
+        bail!("--baseline {spec:?}: the name {name:?} is taken; pick another (haproxy, nginx …)");
+    }
+    url.parse::<hyper::Uri>()
+        .with_context(|| format!("--baseline {spec:?}: not a URL"))?;
+    Ok((name.to_string(), url.to_string()))
 }
 
 #[cfg(test)]
@@ -438,20 +485,17 @@ Transfer/sec:    696.76KB
             "Requests/sec:",
             "  Non-2xx or 3xx responses: 300\nRequests/sec:",
         );
-        let e = parse_wrk(&all_bad).err().expect("all answers were errors");
+        let e = parse_wrk(&all_bad).expect_err("all answers were errors");
         assert!(
             e.to_string().contains("no request succeeded (300 errors)"),
             "{e}"
         );
 
         let e = parse_wrk("unable to connect to 127.0.0.1:1 Connection refused")
-            .err()
-            .expect("no report");
+            .expect_err("no report");
         assert!(e.to_string().contains("no request rate"), "{e}");
 
-        let e = parse_wrk(&OK.replace("6.49ms", "6.49"))
-            .err()
-            .expect("no unit");
+        let e = parse_wrk(&OK.replace("6.49ms", "6.49")).expect_err("no unit");
         assert!(e.to_string().contains("no unit"), "{e}");
     }
 
@@ -467,14 +511,78 @@ Transfer/sec:    696.76KB
         }
     }
 
+    #[test]
+    fn baseline_values_are_checked() {
+        let (n, u) = baseline("haproxy=http://127.0.0.1:8080/items").unwrap();
+        assert_eq!(
+            (n.as_str(), u.as_str()),
+            ("haproxy", "http://127.0.0.1:8080/items")
+        );
+        for (bad, says) in [
+            ("haproxy", "NAME=URL"),
+            ("=http://127.0.0.1:1/", "NAME=URL"),
+            ("haproxy=", "NAME=URL"),
+            ("edge=http://127.0.0.1:1/", "is taken"),
+            ("direct=http://127.0.0.1:1/", "is taken"),
+            ("haproxy=http://a b/", "not a URL"),
+        ] {
+            let e = format!("{:#}", baseline(bad).expect_err(bad));
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    /// A baseline runs in every round beside direct and the edge, and the summary gives its
+    /// ratio to direct. (All three are the same upstream here; the figures are not checked.)
+    #[tokio::test]
+    async fn baselines_run_in_the_same_rounds() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let server = tokio::spawn(upstream(port, Duration::ZERO));
+        let url = format!("http://127.0.0.1:{port}/items");
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let o = CompareOpts {
+            direct: url.clone(),
+            edge: url.clone(),
+            edge_headers: vec![],
+            baselines: vec![format!("proxy={url}")],
+            connections: 2,
+            seconds: 1,
+            rounds: 2,
+            warmup: 1,
+            client: Client::Builtin,
+            wrk_threads: 1,
+            wrk_program: "wrk".into(),
+        };
+        let md = compare(&o).await.unwrap();
+        server.abort();
+        for round in 1..=2 {
+            for name in ["direct", "proxy", "edge"] {
+                assert!(md.contains(&format!("| {round} | {name} | ")), "{md}");
+            }
+        }
+        assert!(md.contains(", edge "), "{md}");
+        assert!(md.contains("; proxy "), "{md}");
+        assert_eq!(md.matches("(ratio ").count(), 2, "{md}");
+    }
+
     /// A missing wrk names the program and the ways out; a wrk that fails passes on its exit
     /// status and output.
     #[tokio::test]
     async fn a_missing_or_failing_wrk_is_a_clear_error() {
         let e = load(&wrk_opts("/nonexistent/wrk"))
             .await
-            .err()
-            .expect("no such program");
+            .expect_err("no such program");
         let e = e.to_string();
         assert!(
             e.contains("could not run wrk as \"/nonexistent/wrk\""),
@@ -485,7 +593,7 @@ Transfer/sec:    696.76KB
 
         // `false` stands for a wrk that exits with an error (a script written here could hit
         // ETXTBSY when another test forks meanwhile).
-        let e = load(&wrk_opts("false")).await.err().expect("wrk exits 1");
+        let e = load(&wrk_opts("false")).await.expect_err("wrk exits 1");
         let e = e.to_string();
         assert!(e.contains("wrk failed (exit status: 1)"), "{e}");
     }
