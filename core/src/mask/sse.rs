@@ -887,29 +887,22 @@ impl SseMasker {
             raw(out);
             return;
         }
+        let this = fast::EventIn {
+            ev,
+            lines,
+            data: &data,
+            event_line: event_line.as_deref(),
+            text,
+            blank,
+        };
         // An event with the shape of the last common one needs no parse.
-        if self.fast
-            && event_line.is_none()
-            && self.chat_again(ev, lines, &data, text, blank, out, stats)
-        {
+        if self.fast && self.chat_again(&this, out, stats) {
             return;
         }
         // The byte-level path for the common chat-completions event; `verified`: the payload
         // has no duplicate or escaped member names (see `fast`), so its bytes say what `v` says.
         let verified = self.tree.parse(text);
-        if verified
-            && self.fast
-            && self.chat_fast(
-                ev,
-                lines,
-                &data,
-                event_line.as_deref(),
-                text,
-                blank,
-                out,
-                stats,
-            )
-        {
+        if verified && self.fast && self.chat_fast(&this, out, stats) {
             return;
         }
         let Ok(mut v) = serde_json::from_str::<Value>(text) else {

@@ -393,6 +393,20 @@ pub(super) struct Shape {
     idx: u64,
 }
 
+/// The event in flight, as `SseMasker::event_inner` split it.
+pub(super) struct EventIn<'a> {
+    /// The event's bytes, up to its blank line.
+    pub ev: &'a [u8],
+    pub lines: &'a [Line],
+    /// Its data lines: (line, value start).
+    pub data: &'a [(Line, usize)],
+    pub event_line: Option<&'a [u8]>,
+    /// The data payload.
+    pub text: &'a str,
+    /// The blank line that ends it.
+    pub blank: &'a [u8],
+}
+
 /// What the byte-level path masks in one event.
 struct Parts<'a> {
     idx: u64,
@@ -409,19 +423,9 @@ impl SseMasker {
     /// Mask a chat-completions delta event whose JSON payload `text` was parsed into
     /// `self.tree`, if it has the common shape (see the module documentation). False, with
     /// nothing done, for any other event.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn chat_fast(
-        &mut self,
-        ev: &[u8],
-        lines: &[Line],
-        data: &[(Line, usize)],
-        event_line: Option<&[u8]>,
-        text: &str,
-        blank: &[u8],
-        out: &mut Vec<u8>,
-        stats: &mut Stats,
-    ) -> bool {
-        if data.is_empty() {
+    pub(super) fn chat_fast(&mut self, e: &EventIn, out: &mut Vec<u8>, stats: &mut Stats) -> bool {
+        let text = e.text;
+        if e.data.is_empty() {
             return false;
         }
         let tree = std::mem::take(&mut self.tree);
@@ -430,7 +434,7 @@ impl SseMasker {
         let Some(parts) = parts else {
             return false;
         };
-        if data.len() == 1 && event_line.is_none() && !parts.end && parts.reps.is_empty() {
+        if e.data.len() == 1 && e.event_line.is_none() && !parts.end && parts.reps.is_empty() {
             let (q, e) = parts.content;
             self.shape = Some(Shape {
                 head: text.as_bytes()[..=q].to_vec(),
@@ -438,24 +442,19 @@ impl SseMasker {
                 idx: parts.idx,
             });
         }
-        self.chat_apply(parts, ev, lines, data, event_line, text, blank, out, stats)
+        self.chat_apply(parts, e, out, stats)
     }
 
     /// Mask an event of one data line and no `event:` line whose payload `text` has the
     /// [`Shape`] of an earlier one, without parsing it. False, with nothing done, when it does
     /// not have that shape (or its content does not decode).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn chat_again(
-        &mut self,
-        ev: &[u8],
-        lines: &[Line],
-        data: &[(Line, usize)],
-        text: &str,
-        blank: &[u8],
-        out: &mut Vec<u8>,
-        stats: &mut Stats,
-    ) -> bool {
-        let Some(shape) = self.shape.as_ref().filter(|_| data.len() == 1) else {
+    pub(super) fn chat_again(&mut self, e: &EventIn, out: &mut Vec<u8>, stats: &mut Stats) -> bool {
+        let text = e.text;
+        let Some(shape) = self
+            .shape
+            .as_ref()
+            .filter(|_| e.data.len() == 1 && e.event_line.is_none())
+        else {
             return false;
         };
         let b = text.as_bytes();
@@ -463,19 +462,19 @@ impl SseMasker {
             return false;
         }
         let q = shape.head.len() - 1;
-        let Some((_, e, esc)) = string_at(b, q) else {
+        let Some((_, end, esc)) = string_at(b, q) else {
             return false;
         };
-        if b[e..] != shape.tail[..] {
+        if b[end..] != shape.tail[..] {
             return false;
         }
         let delta = if esc {
-            match serde_json::from_str::<String>(&text[q..e]) {
+            match serde_json::from_str::<String>(&text[q..end]) {
                 Ok(s) => s.into(),
                 Err(_) => return false,
             }
         } else {
-            text[q + 1..e - 1].into()
+            text[q + 1..end - 1].into()
         };
         #[cfg(test)]
         {
@@ -484,11 +483,11 @@ impl SseMasker {
         let parts = Parts {
             idx: shape.idx,
             end: false,
-            content: (q, e),
+            content: (q, end),
             delta,
             reps: Vec::new(),
         };
-        self.chat_apply(parts, ev, lines, data, None, text, blank, out, stats)
+        self.chat_apply(parts, e, out, stats)
     }
 
     /// The parts of a common chat-completions event parsed into `tree`, with its other string
@@ -547,19 +546,21 @@ impl SseMasker {
 
     /// Feed the delta of `parts` to its stream and write the event with what the stream
     /// released (and the other masked values) in place.
-    #[allow(clippy::too_many_arguments)]
     fn chat_apply(
         &mut self,
         parts: Parts<'_>,
-        ev: &[u8],
-        lines: &[Line],
-        data: &[(Line, usize)],
-        event_line: Option<&[u8]>,
-        text: &str,
-        blank: &[u8],
+        e: &EventIn,
         out: &mut Vec<u8>,
         stats: &mut Stats,
     ) -> bool {
+        let EventIn {
+            ev,
+            lines,
+            data,
+            event_line,
+            text,
+            blank,
+        } = *e;
         let Some(&(first, vstart)) = data.first() else {
             return false;
         };
