@@ -374,23 +374,53 @@ fn chat_shape(tree: &Tree, text: &str) -> Option<Chat> {
     Some(Chat { idx, content, end })
 }
 
-/// The bytes around the content string of the last event that took the byte-level path with
-/// one data line, no `event:` line, no `finish_reason`, and no other string value to mask.
+/// The bytes around the string values of the last event that took the byte-level path with one
+/// data line, no `event:` line and no `finish_reason`.
 ///
-/// An event whose payload is `head`, then one valid JSON string, then `tail` has the same tree:
-/// every byte before the string is the same, so the lexer is at the same point when the string
-/// starts (it is the `content` value), and the same bytes after it close the same containers.
-/// So it has the same shape, choice index and member names, and the same other string values,
-/// which needed no masking. Only the content differs, and it goes through the same steps as in a
-/// full parse. The next event of a stream is checked against this first: a byte comparison and
-/// one string scan instead of a parse.
+/// An event whose payload is `fixed[0]`, a valid JSON string, `fixed[1]`, … a valid JSON string,
+/// `fixed[n]` has the same tree, only with other string values. Before the first string every
+/// byte is the same, so the lexer is at the same point when it starts: a string value (member
+/// names are in the fixed bytes). After a string the lexer's state does not depend on what the
+/// string held, so the same fixed bytes lead it to the same point at the next string, and at the
+/// end to the same closed value. So the event has the same shape, choice index, member names and
+/// numbers; its `content` is the same hole. Its other string values (an `id`, OpenAI's random
+/// `obfuscation` padding) are masked as a full parse masks them, and the content goes through
+/// the same steps. The next event of a stream is checked against this first: byte comparisons
+/// and a scan of each string instead of a parse.
 #[derive(Debug)]
 pub(super) struct Shape {
-    /// The payload up to and including the content string's opening quote.
-    head: Vec<u8>,
-    /// The payload after the content string's closing quote.
-    tail: Vec<u8>,
+    /// The bytes before each string value (each ends with its opening quote), then the bytes
+    /// after the last one.
+    fixed: Vec<Vec<u8>>,
+    /// The member name of each string value, if it has one.
+    keys: Vec<Option<String>>,
+    /// Which string value is the content.
+    content: usize,
     idx: u64,
+}
+
+impl Shape {
+    /// The shape of `text`, parsed into `tree`, whose content string starts at `content`.
+    fn of(tree: &Tree, text: &str, content: usize, idx: u64) -> Option<Shape> {
+        let b = text.as_bytes();
+        let (mut fixed, mut keys) = (Vec::new(), Vec::new());
+        let (mut pos, mut hole) = (0, None);
+        for x in tree.nodes.iter().filter(|x| x.kind == Kind::Str) {
+            if x.start == content {
+                hole = Some(keys.len());
+            }
+            fixed.push(b.get(pos..=x.start)?.to_vec());
+            keys.push(x.key.and_then(|(a, b)| text.get(a..b)).map(str::to_string));
+            pos = x.end;
+        }
+        fixed.push(b.get(pos..)?.to_vec());
+        Some(Shape {
+            fixed,
+            keys,
+            content: hole?,
+            idx,
+        })
+    }
 }
 
 /// The event in flight, as `SseMasker::event_inner` split it.
@@ -430,18 +460,15 @@ impl SseMasker {
         }
         let tree = std::mem::take(&mut self.tree);
         let parts = self.chat_parts(&tree, text, stats);
+        if let Some(p) = parts.as_ref() {
+            if e.data.len() == 1 && e.event_line.is_none() && !p.end {
+                self.shape = Shape::of(&tree, text, p.content.0, p.idx);
+            }
+        }
         self.tree = tree;
         let Some(parts) = parts else {
             return false;
         };
-        if e.data.len() == 1 && e.event_line.is_none() && !parts.end && parts.reps.is_empty() {
-            let (q, e) = parts.content;
-            self.shape = Some(Shape {
-                head: text.as_bytes()[..=q].to_vec(),
-                tail: text.as_bytes()[e..].to_vec(),
-                idx: parts.idx,
-            });
-        }
         self.chat_apply(parts, e, out, stats)
     }
 
@@ -458,34 +485,55 @@ impl SseMasker {
             return false;
         };
         let b = text.as_bytes();
-        if !b.starts_with(&shape.head) {
-            return false;
-        }
-        let q = shape.head.len() - 1;
-        let Some((_, end, esc)) = string_at(b, q) else {
-            return false;
-        };
-        if b[end..] != shape.tail[..] {
-            return false;
-        }
-        let delta = if esc {
-            match serde_json::from_str::<String>(&text[q..end]) {
-                Ok(s) => s.into(),
-                Err(_) => return false,
+        // Each string value's (opening quote, one past its closing quote, has escapes).
+        let mut spans = Vec::with_capacity(shape.keys.len());
+        let mut pos = 0;
+        for f in &shape.fixed[..shape.keys.len()] {
+            if b.get(pos..pos + f.len()) != Some(&f[..]) {
+                return false;
             }
-        } else {
-            text[q + 1..end - 1].into()
-        };
+            let Some(span) = string_at(b, pos + f.len() - 1) else {
+                return false;
+            };
+            pos = span.1;
+            spans.push(span);
+        }
+        if b.get(pos..) != shape.fixed.last().map(|f| &f[..]) {
+            return false;
+        }
+        // Decode the strings with escapes first: nothing may be done before the last check.
+        let mut values: Vec<std::borrow::Cow<str>> = Vec::with_capacity(spans.len());
+        for &(s, e, esc) in &spans {
+            values.push(if esc {
+                match serde_json::from_str::<String>(&text[s..e]) {
+                    Ok(v) => v.into(),
+                    Err(_) => return false,
+                }
+            } else {
+                text[s + 1..e - 1].into()
+            });
+        }
         #[cfg(test)]
         {
             self.shape_hits += 1;
         }
+        let (idx, hole) = (shape.idx, shape.content);
+        let mut reps = Vec::new();
+        for (k, (&(s, e, _), v)) in spans.iter().zip(&values).enumerate() {
+            let key = shape.keys[k].as_deref();
+            if k == hole {
+                continue;
+            }
+            if let Some(m) = super::mask_cached(&self.inner, key, v, &mut self.clean, stats) {
+                reps.push((s, e, m));
+            }
+        }
         let parts = Parts {
-            idx: shape.idx,
+            idx,
             end: false,
-            content: (q, end),
-            delta,
-            reps: Vec::new(),
+            content: (spans[hole].0, spans[hole].1),
+            delta: values.swap_remove(hole),
+            reps,
         };
         self.chat_apply(parts, e, out, stats)
     }
@@ -701,15 +749,16 @@ mod tests {
         assert!(takes_fast_path(text));
     }
 
-    /// Events with the bytes of the last one around their content take the shape path, and
-    /// give the same bytes as the general path; any other difference falls back.
+    /// Events with the bytes of the last one around their string values take the shape path,
+    /// and give the same bytes as the general path; any other difference falls back.
     #[test]
     fn an_event_shaped_like_the_last_skips_the_parse() {
         let m = masker();
-        let mut other_id = chat(0, "z", None);
-        other_id["id"] = json!("chatcmpl-2");
-        let mut noted = chat(0, "n", None);
-        noted["note"] = json!(format!("key {AWS}"));
+        let with = |v: Value, field: &str, x: &str| {
+            let mut v = v;
+            v[field] = json!(x);
+            v
+        };
         let events = [
             (chat(0, "tok", None), false),
             // Escapes, and a secret split across two events.
@@ -718,13 +767,25 @@ mod tests {
             (chat(0, &AWS[9..], None), true),
             // Content that reads like the bytes after it.
             (chat(0, "\"}}]}", None), true),
-            (other_id, false),
-            (chat(0, "y", None), false),
-            (chat(0, "y2", None), true),
+            // Another id is another string value in the same place.
+            (with(chat(0, "z", None), "id", "chatcmpl-2"), true),
+            (chat(0, "y", None), true),
+            // Another choice index, another number: parsed again.
             (chat(1, "other choice", None), false),
-            // A masked field is not part of a shape: the next event parses again.
-            (noted, false),
             (chat(1, "w", None), true),
+            // A new member: parsed again; then its value is masked in every event of the shape.
+            (
+                with(chat(0, "n", None), "note", &format!("key {AWS}")),
+                false,
+            ),
+            (
+                with(chat(0, "n2", None), "note", &format!("the key {AWS}")),
+                true,
+            ),
+            // OpenAI's random padding, in every event.
+            (with(chat(0, "o", None), "obfuscation", "Lk3"), false),
+            (with(chat(0, "p", None), "obfuscation", "q\"8Zx"), true),
+            (with(chat(0, "q", None), "obfuscation", ""), true),
             (chat(1, "", Some("stop")), false),
             (chat(0, "", Some("stop")), false),
         ];
