@@ -394,31 +394,38 @@ pub(super) struct Shape {
     fixed: Vec<Vec<u8>>,
     /// The member name of each string value, if it has one.
     keys: Vec<Option<String>>,
+    /// The raw bytes (quotes included) of the last value in each place that was found clean.
+    clean: Vec<Option<Vec<u8>>>,
     /// Which string value is the content.
     content: usize,
     idx: u64,
 }
 
 impl Shape {
-    /// The shape of `text`, parsed into `tree`, whose content string starts at `content`.
-    fn of(tree: &Tree, text: &str, content: usize, idx: u64) -> Option<Shape> {
+    /// The shape of `text`, parsed into `tree`, whose content string starts at `parts.content`;
+    /// the other string values not in `parts.reps` were found clean.
+    fn of(tree: &Tree, text: &str, parts: &Parts) -> Option<Shape> {
         let b = text.as_bytes();
-        let (mut fixed, mut keys) = (Vec::new(), Vec::new());
+        let (mut fixed, mut keys, mut clean) = (Vec::new(), Vec::new(), Vec::new());
         let (mut pos, mut hole) = (0, None);
         for x in tree.nodes.iter().filter(|x| x.kind == Kind::Str) {
-            if x.start == content {
+            let content = x.start == parts.content.0;
+            if content {
                 hole = Some(keys.len());
             }
+            let masked = parts.reps.iter().any(|r| r.0 == x.start);
             fixed.push(b.get(pos..=x.start)?.to_vec());
             keys.push(x.key.and_then(|(a, b)| text.get(a..b)).map(str::to_string));
+            clean.push((!content && !masked).then(|| b[x.start..x.end].to_vec()));
             pos = x.end;
         }
         fixed.push(b.get(pos..)?.to_vec());
         Some(Shape {
             fixed,
             keys,
+            clean,
             content: hole?,
-            idx,
+            idx: parts.idx,
         })
     }
 }
@@ -462,7 +469,7 @@ impl SseMasker {
         let parts = self.chat_parts(&tree, text, stats);
         if let Some(p) = parts.as_ref() {
             if e.data.len() == 1 && e.event_line.is_none() && !p.end {
-                self.shape = Shape::of(&tree, text, p.content.0, p.idx);
+                self.shape = Shape::of(&tree, text, p);
             }
         }
         self.tree = tree;
@@ -501,38 +508,68 @@ impl SseMasker {
         if b.get(pos..) != shape.fixed.last().map(|f| &f[..]) {
             return false;
         }
+        let hole = shape.content;
+        // A value with the raw bytes of one found clean in this place needs no check again
+        // (masking is deterministic, and the member name is the same).
+        let check = |k: usize| {
+            let (s, e, _) = spans[k];
+            k != hole && shape.clean[k].as_deref() != Some(&b[s..e])
+        };
         // Decode the strings with escapes first: nothing may be done before the last check.
-        let mut values: Vec<std::borrow::Cow<str>> = Vec::with_capacity(spans.len());
-        for &(s, e, esc) in &spans {
-            values.push(if esc {
+        let mut values: Vec<Option<std::borrow::Cow<str>>> = Vec::with_capacity(spans.len());
+        for (k, &(s, e, esc)) in spans.iter().enumerate() {
+            values.push(if k != hole && !check(k) {
+                None
+            } else if esc {
                 match serde_json::from_str::<String>(&text[s..e]) {
-                    Ok(v) => v.into(),
+                    Ok(v) => Some(v.into()),
                     Err(_) => return false,
                 }
             } else {
-                text[s + 1..e - 1].into()
+                Some(text[s + 1..e - 1].into())
             });
         }
         #[cfg(test)]
         {
             self.shape_hits += 1;
         }
-        let (idx, hole) = (shape.idx, shape.content);
+        let idx = shape.idx;
         let mut reps = Vec::new();
-        for (k, (&(s, e, _), v)) in spans.iter().zip(&values).enumerate() {
-            let key = shape.keys[k].as_deref();
-            if k == hole {
+        // The values checked now: (place, found clean).
+        let mut checked = Vec::new();
+        for (k, v) in values.iter().enumerate() {
+            let Some(v) = v.as_deref().filter(|_| k != hole) else {
                 continue;
-            }
-            if let Some(m) = super::mask_cached(&self.inner, key, v, &mut self.clean, stats) {
-                reps.push((s, e, m));
+            };
+            let key = shape.keys[k].as_deref();
+            let (s, e, _) = spans[k];
+            match super::mask_cached(&self.inner, key, v, &mut self.clean, stats) {
+                Some(m) => {
+                    reps.push((s, e, m));
+                    checked.push((k, false));
+                }
+                None => checked.push((k, true)),
             }
         }
+        if let Some(shape) = self.shape.as_mut() {
+            for (k, clean) in checked {
+                let (s, e, _) = spans[k];
+                match (clean, &mut shape.clean[k]) {
+                    (false, slot) => *slot = None,
+                    (true, Some(raw)) => {
+                        raw.clear();
+                        raw.extend_from_slice(&b[s..e]);
+                    }
+                    (true, slot) => *slot = Some(b[s..e].to_vec()),
+                }
+            }
+        }
+        let delta = values.swap_remove(hole).unwrap_or_default();
         let parts = Parts {
             idx,
             end: false,
             content: (spans[hole].0, spans[hole].1),
-            delta: values.swap_remove(hole),
+            delta,
             reps,
         };
         self.chat_apply(parts, e, out, stats)
@@ -786,6 +823,12 @@ mod tests {
             (with(chat(0, "o", None), "obfuscation", "Lk3"), false),
             (with(chat(0, "p", None), "obfuscation", "q\"8Zx"), true),
             (with(chat(0, "q", None), "obfuscation", ""), true),
+            // A place whose last value was clean is still checked when its bytes change.
+            (
+                with(chat(0, "r", None), "obfuscation", &format!("{AWS} ")),
+                true,
+            ),
+            (with(chat(0, "s", None), "obfuscation", ""), true),
             (chat(1, "", Some("stop")), false),
             (chat(0, "", Some("stop")), false),
         ];
