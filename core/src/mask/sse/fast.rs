@@ -8,6 +8,10 @@
 //! it, the other string values are masked as the general path masks them, and the released text
 //! (and any masked value) is spliced back into the original bytes.
 //!
+//! Consecutive events of a stream mostly share their bytes outside their string values: the
+//! next event is first compared with the last one's [`Shape`], and when it matches it is masked
+//! without a parse.
+//!
 //! The lexer accepts only JSON that `serde_json` reads to the same value: no duplicate or escaped
 //! member names, no exponents or integer parts over 20 digits, nesting under 64 levels, at most
 //! 64 members an object. Anything else, and any other shape (several choices, tool calls,
