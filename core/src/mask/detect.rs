@@ -2437,7 +2437,7 @@ fn quick_skip(text: &[u8], g: Gap, d: usize) -> bool {
 #[inline]
 fn cluster_skips(text: &[u8], g: Gap, d: usize) -> bool {
     let lim = g.hi.min(text.len());
-    // Ok(None) past a closed gap's end; Err(()) past a growing gap's end (the answer waits).
+    // No class (0) past a closed gap's end; Err(()) past a growing gap's end (the answer waits).
     let class = |i: usize| -> Result<u8, ()> {
         if i < lim {
             Ok(CLASS[text[i] as usize])
