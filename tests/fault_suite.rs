@@ -870,12 +870,13 @@ async fn no_acknowledged_statement_is_lost_or_duplicated_under_faults() -> Resul
         suite.clients, suite.min_statements
     );
     eprintln!("\n{table}");
-    // A known, open defect (docs/reliability.md, "Open: acknowledged records lost in a restart
-    // of the whole NATS cluster"): in one run of about eight, a statement acknowledged around the
-    // moment every NATS server is stopped had no record afterwards. The ingest now reads back
-    // any stream sequence the consumer skipped and records one the stream no longer holds as
-    // lost (verify fails). What is still excused here, in the bounded form only, is an event
-    // JetStream itself no longer holds; CUSTOS_FAULT_STRICT=1 (the long form) fails on it too.
+    // A known, open defect (docs/reliability.md, "Acknowledged records lost in a restart of the
+    // whole NATS cluster"): in one run of about eight, a statement acknowledged around the moment
+    // every NATS server is stopped had no record afterwards. The ingest now reads back any stream
+    // sequence the consumer skipped, and events stored at sequences a restarted broker reused,
+    // and records one the stream no longer holds as lost (verify fails). What is still excused
+    // here, in the bounded form only, is an event JetStream itself no longer holds;
+    // CUSTOS_FAULT_STRICT=1 (the long form) fails on it too.
     let strict_all = std::env::var("CUSTOS_FAULT_STRICT").is_ok_and(|v| v == "1");
     for r in &suite.rows {
         // Excused only when JetStream itself no longer has the event: one the stream still holds

@@ -90,7 +90,16 @@ async fn term<S: EventSource + ?Sized>(
             .store(v, std::sync::atomic::Ordering::Relaxed);
     };
     let mut last_tail_check = tokio::time::Instant::now();
+    // A new term may follow a broker restart this node did not see: check what is applied once.
+    let mut rewound = Rewound::default();
+    rewound.arm(inner.store.bus_high(), inner.store.bus_high());
+    let mut connects = src.connects();
     while inner.is_leader() && !*shutdown.borrow() {
+        if rewound.due() && !check_rewound(inner, src, &mut rewound, max).await {
+            backlog(None);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            return;
+        }
         let batch = tokio::select! {
             biased;
             _ = shutdown.changed() => return,
@@ -105,6 +114,15 @@ async fn term<S: EventSource + ?Sized>(
                 continue;
             }
         };
+        if src.connects() != connects {
+            // The connection came back since the last fetch: the broker may have restarted. What
+            // is applied is `bus_high`; this batch may hold deliveries from either side of the
+            // reconnect, so its sequences are watched too.
+            connects = src.connects();
+            let applied = inner.store.bus_high();
+            let fetched = batch.iter().map(|d| d.seq).max().unwrap_or(0);
+            rewound.arm(applied, applied.max(fetched));
+        }
         if batch.is_empty() {
             if last_tail_check.elapsed() >= TAIL_CHECK {
                 last_tail_check = tokio::time::Instant::now();
@@ -177,6 +195,182 @@ async fn fill_tail<S: EventSource + ?Sized>(
         }
         Err(e) => {
             tracing::warn!(error = %e, from = n, to = last, "could not fill the stream's tail the consumer skipped; retrying");
+            false
+        }
+    }
+}
+
+/// How often an armed [`Rewound`] check runs, until it finds the stream back past its mark.
+const REWOUND_CHECK: Duration = Duration::from_millis(200);
+/// Most stream sequences one [`check_rewound`] reads, so a check of a stream that lost a very long
+/// tail cannot stall the ingest loop; the next check goes on.
+const REWOUND_SCAN_MAX: u64 = 10_000;
+
+/// A watch over stream sequences already applied, after the broker may have restarted.
+///
+/// A broker that loses the unsynced tail of a stream in a restart (nats-server 2.9 flushes its
+/// writes to disk only every couple of minutes; stop every server of a cluster at once and the
+/// tail is gone) numbers the next messages from where its stream now ends. So events published
+/// after the restart are stored at sequences this node already applied, and the durable
+/// consumer, whose position survived the restart, never delivers them. Neither the gap check
+/// nor the tail check looks below `bus_high`. This watch does: from its top down, every stored
+/// message whose events are not all in the log is read back and committed, until a message at or
+/// below `applied` whose events all are. It stays armed until the stream's last sequence reaches
+/// the top again, because sequences at or below it are reused only until then.
+#[derive(Debug, Default)]
+struct Rewound {
+    /// `(applied, top)`: every sequence up to `applied` was in the log when the watch was armed;
+    /// sequences up to `top` may have been handed out before the restart. `None`: disarmed.
+    marks: Option<(u64, u64)>,
+    last: Option<tokio::time::Instant>,
+    /// Sequences read back under this watch (their events may be malformed, and so never in the
+    /// log): not read back twice.
+    filled: std::collections::HashSet<u64>,
+}
+
+impl Rewound {
+    /// Watch sequences up to `top`, of which those up to `applied` are in the log; nothing
+    /// before the first bus event.
+    fn arm(&mut self, applied: u64, top: u64) {
+        if top == 0 {
+            return;
+        }
+        self.marks = Some(match self.marks {
+            Some((a, t)) => (a.min(applied), t.max(top)),
+            None => (applied, top),
+        });
+        self.last = None;
+    }
+
+    fn due(&self) -> bool {
+        self.marks.is_some() && self.last.is_none_or(|t| t.elapsed() >= REWOUND_CHECK)
+    }
+}
+
+/// Whether every event of a stored message is in the log already.
+fn logged(inner: &Inner, stored: &custos_core::bus::Stored) -> bool {
+    use prost::Message as _;
+    custos_core::bus::unbatch(&stored.subject, &stored.data)
+        .iter()
+        .all(|(_, data)| {
+            custos_proto::v1::Event::decode(data.as_ref())
+                .is_ok_and(|e| inner.store.audit_seq_of(&e.id).is_some())
+        })
+}
+
+/// Run an armed [`Rewound`] check once: read back and commit the events stored at reused
+/// sequences. False when the stream could not be read or the commit failed (the caller steps
+/// back and the next term checks again).
+async fn check_rewound<S: EventSource + ?Sized>(
+    inner: &Inner,
+    src: &mut S,
+    watch: &mut Rewound,
+    max: usize,
+) -> bool {
+    let Some((applied, mark)) = watch.marks else {
+        return true;
+    };
+    watch.last = Some(tokio::time::Instant::now());
+    // The stream's state first: when it has reached the mark, nothing at or below the mark can
+    // be reused after this scan, and the watch ends with it.
+    let (first, last) = match src.bounds().await {
+        Ok(Some(b)) => b,
+        Ok(None) => {
+            watch.marks = None;
+            return true;
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "could not read the stream's bounds; checking again later");
+            return true;
+        }
+    };
+    let top = mark.min(last);
+    let floor = first.max(1);
+    let mut found = Vec::new();
+    let mut seq = top;
+    let mut read = 0;
+    let mut complete = true;
+    while seq >= floor {
+        // Read back by an earlier check: skipped (a malformed event there is never in the log).
+        if !watch.filled.contains(&seq) {
+            if read == REWOUND_SCAN_MAX {
+                complete = false;
+                break;
+            }
+            read += 1;
+            match src.get(seq).await {
+                Ok(Some(stored)) => match logged(inner, &stored) {
+                    // Below the reused run: applied before the restart, still in the stream.
+                    true if seq <= applied => break,
+                    // Delivered after the reconnect, and applied already.
+                    true => {}
+                    false => found.push((seq, stored)),
+                },
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, seq, "could not read back a stream sequence the broker may have reused; retrying");
+                    return false;
+                }
+            }
+        }
+        seq -= 1;
+    }
+    if !found.is_empty() {
+        found.reverse();
+        let (from, to) = (found[0].0, found[found.len() - 1].0);
+        tracing::error!(
+            from,
+            to,
+            mark,
+            stream_last = last,
+            "the bus reused stream sequences this node had already applied (it lost the tail of its stream in a restart); reading the events stored there back"
+        );
+        let mut items = Vec::new();
+        let mut bytes = 0;
+        for (seq, stored) in found {
+            watch.filled.insert(seq);
+            for (_, data) in custos_core::bus::unbatch(&stored.subject, &stored.data) {
+                bytes += data.len();
+                items.push(IngestItem {
+                    data: data.to_vec(),
+                    bus_seq: seq,
+                });
+            }
+            if items.len() >= max.max(1) || bytes >= MAX_ENTRY_BYTES {
+                if !commit_read_back(inner, std::mem::take(&mut items), "reused").await {
+                    return false;
+                }
+                bytes = 0;
+            }
+        }
+        if !items.is_empty() && !commit_read_back(inner, items, "reused").await {
+            return false;
+        }
+    }
+    if last >= mark && complete {
+        watch.marks = None;
+        watch.filled.clear();
+    }
+    true
+}
+
+/// Commit events read back from the stream; counted under `result`. False when the commit failed.
+async fn commit_read_back(inner: &Inner, items: Vec<IngestItem>, result: &str) -> bool {
+    let n = items.len() as u64;
+    let cmd = Command::Ingest {
+        committed_unix_nano: custos_core::events::now_unix_nano(),
+        items,
+    };
+    match propose(inner, cmd).await {
+        Ok(resp) => {
+            count(inner, &resp);
+            inner
+                .metrics
+                .add("custos_ingest_events_total", &[("result", result)], n);
+            true
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not commit events read back from the stream; retrying");
             false
         }
     }
@@ -414,7 +608,28 @@ async fn commit(inner: &Inner, batch: Vec<custos_core::bus::Delivery>) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{gaps, seq_messages};
+    use super::{gaps, seq_messages, Rewound};
+
+    #[test]
+    fn a_rewound_watch_widens_to_cover_every_reconnect() {
+        let mut w = Rewound::default();
+        w.arm(0, 0);
+        assert_eq!(w.marks, None, "nothing applied, nothing to watch");
+        assert!(!w.due());
+        w.arm(5, 5);
+        assert_eq!(w.marks, Some((5, 5)));
+        assert!(w.due());
+        // A second reconnect before the stream came back: the lower applied mark and the
+        // higher top both stay watched.
+        w.arm(7, 9);
+        assert_eq!(w.marks, Some((5, 9)));
+        w.arm(6, 6);
+        assert_eq!(w.marks, Some((5, 9)));
+        w.last = Some(tokio::time::Instant::now());
+        assert!(!w.due(), "checked just now");
+        w.arm(8, 8);
+        assert!(w.due(), "a new reconnect is checked at once");
+    }
 
     #[test]
     fn the_events_of_one_batch_count_as_one_message() {

@@ -61,19 +61,37 @@ impl Nats {
     /// On a given port (e.g. one a process was already told to connect to).
     pub fn start_on(port: u16) -> Result<Nats> {
         let dir = tempfile::tempdir()?;
+        let child = Nats::spawn(port, dir.path())?;
+        Ok(Nats { child, port, dir })
+    }
+
+    fn spawn(port: u16, store: &Path) -> Result<Child> {
         let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
             .into_iter()
             .find(|p| Path::new(p).exists())
             .unwrap_or("nats-server");
         let child = Command::new(bin)
             .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(dir.path())
+            .arg(store)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .context("cannot start nats-server (install the nats-server package)")?;
         wait_port(port, Duration::from_secs(10))?;
-        Ok(Nats { child, port, dir })
+        Ok(child)
+    }
+
+    /// Stop the server the way an operator does (SIGTERM: it writes its stores out), run
+    /// `between` on its store directory, and start it again on the same port over that store.
+    pub fn restart(&mut self, between: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -TERM nats-server failed: {status}");
+        self.child.wait()?;
+        between(self.dir.path())?;
+        self.child = Nats::spawn(self.port, self.dir.path())?;
+        Ok(())
     }
 
     /// With JetStream file storage capped at `max_file_store` bytes for the whole server, so a

@@ -202,6 +202,21 @@ pub trait EventSource: Send + 'static {
     fn settled_tail(&mut self) -> BoxFuture<'_, Result<Option<u64>, BusError>> {
         Box::pin(async { Ok(None) })
     }
+
+    /// How many times this source's connection to the broker has been established, the first
+    /// time included. A change means the broker may have restarted, and a broker that lost the
+    /// unsynced tail of its stream in a restart hands the lost sequence numbers out again: the
+    /// ingest loop then checks the sequences it already applied ([`EventSource::bounds`]).
+    /// Sources without a broker connection always say 0.
+    fn connects(&self) -> u64 {
+        0
+    }
+
+    /// The stream's first and last sequence as the broker reports them now; `Ok(None)` for
+    /// sources without stream sequences.
+    fn bounds(&mut self) -> BoxFuture<'_, Result<Option<(u64, u64)>, BusError>> {
+        Box::pin(async { Ok(None) })
+    }
 }
 
 /// An event read from the stream by sequence ([`EventSource::get`]).
@@ -232,6 +247,14 @@ impl<T: EventSource + ?Sized> EventSource for Box<T> {
 
     fn settled_tail(&mut self) -> BoxFuture<'_, Result<Option<u64>, BusError>> {
         (**self).settled_tail()
+    }
+
+    fn connects(&self) -> u64 {
+        (**self).connects()
+    }
+
+    fn bounds(&mut self) -> BoxFuture<'_, Result<Option<(u64, u64)>, BusError>> {
+        (**self).bounds()
     }
 }
 

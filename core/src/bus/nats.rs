@@ -971,6 +971,30 @@ impl EventSource for NatsSource {
             Ok(idle.then_some(last))
         })
     }
+
+    fn connects(&self) -> u64 {
+        self.client
+            .statistics()
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn bounds(&mut self) -> BoxFuture<'_, Result<Option<(u64, u64)>, BusError>> {
+        Box::pin(async move {
+            let bound = self.cfg.publish_timeout();
+            let name = self.cfg.stream.clone();
+            match tokio::time::timeout(bound, self.stream.info()).await {
+                Err(_) => Err(BusError::Timeout {
+                    what: format!("JetStream answer reading the state of stream {name}"),
+                    after: bound,
+                }),
+                Ok(Err(e)) => {
+                    Err(self.unavailable(format!("reading the state of stream {name}: {e}")))
+                }
+                Ok(Ok(info)) => Ok(Some((info.state.first_sequence, info.state.last_sequence))),
+            }
+        })
+    }
 }
 
 /// The private acker of a NATS delivery.
