@@ -17,6 +17,8 @@
 #     these shared cores (docs/benchmarks.md).
 #   EDGE_WORKERS=N ./scripts/bench-pg.sh …   runs the edge with N tokio worker threads (default: one
 #     per CPU).
+#   BENCH_LINGER=MS ./scripts/bench-pg.sh …   the control plane's [bus] batch_linger_ms (default 2; 0
+#     commits each fetched batch at once, as custos did before).
 #   BENCH_BATCH=N ./scripts/bench-pg.sh …   the edge's [bus.nats] publish_batch_max (default 64; 1
 #     publishes every event as its own bus message, as custos did before batching).
 # It prints the CPU seconds NATS, the control plane and the edge used during the runs: divided by
@@ -60,6 +62,7 @@ listen = "127.0.0.1:$CP_METRICS"
 enabled = $([ "${BENCH_SIEM:-on}" = off ] && echo false || echo true)
 [bus]
 kind = "nats"
+${BENCH_LINGER:+batch_linger_ms = $BENCH_LINGER}
 [bus.nats]
 url = "nats://127.0.0.1:$NATS_PORT"
 TOML
@@ -147,6 +150,7 @@ fi
 if page=$(curl -fsS "http://127.0.0.1:$CP_METRICS/metrics" 2>/dev/null); then
   echo "$page" | awk '/^custos_ingest_events_total\{/ && !/result="(filled|lost)"/ {e+=$2}
     /^custos_ingest_bus_messages_total / {m=$2}
-    END {if (m > 0) printf "bus: %d events in %d messages (%.2f events per message)\n", e, m, e/m}' >&2
+    /^custos_raft_last_log_index[{ ]/ {r=$NF}
+    END {if (m > 0) printf "bus: %d events in %d messages (%.2f events per message); %d Raft log entries (%.2f events per entry)\n", e, m, e/m, r, (r > 0 ? e/r : 0)}' >&2
 fi
 echo "audit: $("$BIN/custos" audit verify | head -1)" >&2

@@ -78,6 +78,7 @@ async fn term<S: EventSource + ?Sized>(
     shutdown: &mut watch::Receiver<bool>,
 ) {
     let max = inner.config.bus.batch_max;
+    let linger_for = Duration::from_millis(inner.config.bus.batch_linger_ms);
     // The next stream sequence expected; unknown until the log holds a bus event.
     let mut next = match inner.store.bus_high() {
         0 => None,
@@ -106,7 +107,7 @@ async fn term<S: EventSource + ?Sized>(
             b = src.fetch(max, Duration::from_millis(200)) => b,
         };
         backlog(src.backlog());
-        let batch = match batch {
+        let mut batch = match batch {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(error = %e, "ingest fetch failed");
@@ -114,6 +115,7 @@ async fn term<S: EventSource + ?Sized>(
                 continue;
             }
         };
+        linger(src, &mut batch, max, linger_for).await;
         if src.connects() != connects {
             // The connection came back since the last fetch: the broker may have restarted. What
             // is applied is `bus_high`; this batch may hold deliveries from either side of the
@@ -164,6 +166,31 @@ async fn term<S: EventSource + ?Sized>(
         }
     }
     backlog(None);
+}
+
+/// After the first deliveries of a batch, wait up to `within` for more, until `max`: a busy bus is
+/// then committed in fewer, larger Raft entries. A fetch error ends the wait; what was gathered
+/// is committed, and the next fetch meets the error again.
+async fn linger<S: EventSource + ?Sized>(
+    src: &mut S,
+    batch: &mut Vec<custos_core::bus::Delivery>,
+    max: usize,
+    within: Duration,
+) {
+    if batch.is_empty() || within.is_zero() {
+        return;
+    }
+    let until = tokio::time::Instant::now() + within;
+    while batch.len() < max {
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        match src.fetch(max - batch.len(), left).await {
+            Ok(more) if !more.is_empty() => batch.extend(more),
+            _ => return,
+        }
+    }
 }
 
 /// While idle, ask the source at most this often whether it skipped the stream's tail.
@@ -608,7 +635,52 @@ async fn commit(inner: &Inner, batch: Vec<custos_core::bus::Delivery>) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{gaps, seq_messages, Rewound};
+    use super::{gaps, linger, seq_messages, Rewound};
+    use custos_core::bus::{EventBus, EventSource, InProcBus};
+    use std::time::Duration;
+
+    /// Publish one event after `after` (on paused time); the in-process bus holds the publish
+    /// until the event is acked, so each publish is its own task.
+    fn publish_later(bus: &InProcBus, after: Duration, id: &str) {
+        let bus = bus.clone();
+        let ev = custos_proto::v1::Event {
+            id: id.to_string(),
+            ..Default::default()
+        };
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let _ = bus.publish(&ev).await;
+        });
+    }
+
+    fn ids(batch: &[custos_core::bus::Delivery]) -> Vec<String> {
+        use prost::Message as _;
+        batch
+            .iter()
+            .map(|d| custos_proto::v1::Event::decode(d.data.as_ref()).unwrap().id)
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_lingers_for_what_arrives_within_the_window_and_no_longer() {
+        let (bus, mut src) = InProcBus::new(64);
+        publish_later(&bus, Duration::ZERO, "a");
+        publish_later(&bus, Duration::from_millis(1), "b");
+        publish_later(&bus, Duration::from_millis(10), "c");
+        let mut batch = src.fetch(10, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(ids(&batch), ["a"]);
+        linger(&mut src, &mut batch, 10, Duration::ZERO).await;
+        assert_eq!(ids(&batch), ["a"], "no linger: committed as fetched");
+        linger(&mut src, &mut batch, 10, Duration::from_millis(2)).await;
+        assert_eq!(ids(&batch), ["a", "b"], "b came within 2 ms, c did not");
+        linger(&mut src, &mut batch, 2, Duration::from_secs(1)).await;
+        assert_eq!(ids(&batch), ["a", "b"], "a full batch does not wait");
+        let mut empty = Vec::new();
+        linger(&mut src, &mut empty, 10, Duration::from_secs(1)).await;
+        assert!(empty.is_empty(), "nothing fetched, nothing to wait for");
+        let rest = src.fetch(10, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(ids(&rest), ["c"]);
+    }
 
     #[test]
     fn a_rewound_watch_widens_to_cover_every_reconnect() {
