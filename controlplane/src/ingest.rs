@@ -235,9 +235,9 @@ const REWOUND_SCAN_MAX: u64 = 10_000;
 
 /// A watch over stream sequences already applied, after the broker may have restarted.
 ///
-/// A broker that loses the unsynced tail of a stream in a restart (nats-server 2.9 flushes its
-/// writes to disk only every couple of minutes; stop every server of a cluster at once and the
-/// tail is gone) numbers the next messages from where its stream now ends. So events published
+/// A broker that loses the unsynced tail of a stream in a restart (nats-server 2.9 does not sync
+/// each write; stop every server of a cluster at once and the last writes can be gone) numbers
+/// the next messages from where its stream now ends. So events published
 /// after the restart are stored at sequences this node already applied, and the durable
 /// consumer, whose position survived the restart, never delivers them. Neither the gap check
 /// nor the tail check looks below `bus_high`. This watch does: from its top down, every stored
