@@ -98,8 +98,7 @@ async fn publish_while_leader(
         let mut acks = Vec::with_capacity(records.len());
         for rec in &records {
             let event = Event::decode(&*rec.event).unwrap_or_default();
-            let body = serde_json::to_vec(&custos_core::audit::ocsf_json(rec, &event))
-                .map_err(|e| e.to_string())?;
+            let body = custos_core::audit::ocsf_bytes(rec, &event).map_err(|e| e.to_string())?;
             let mut headers = async_nats::HeaderMap::new();
             headers.insert("Nats-Msg-Id", format!("audit-{}", rec.seq).as_str());
             headers.insert("Custos-Seq", rec.seq.to_string().as_str());

@@ -283,10 +283,180 @@ pub fn ocsf_json(record: &AuditRecord, event: &Event) -> Value {
     })
 }
 
+/// The document [`ocsf_json`] builds, serialized straight to JSON bytes without a
+/// `serde_json::Value` tree in between: byte for byte what `serde_json::to_vec(&ocsf_json(..))`
+/// gives (fields in the same order), at a fraction of the allocations. The SIEM feed writes one
+/// per committed record.
+pub fn ocsf_bytes(record: &AuditRecord, event: &Event) -> serde_json::Result<Vec<u8>> {
+    use serde::Serialize;
+    #[derive(Serialize)]
+    struct Doc<'a> {
+        class_uid: u32,
+        class_name: &'a str,
+        category_uid: u32,
+        activity_id: u32,
+        activity_name: &'a str,
+        type_uid: u64,
+        severity_id: u32,
+        status_id: u32,
+        status: &'a str,
+        time: i64,
+        metadata: Metadata<'a>,
+        actor: Actor<'a>,
+        device: Name<'a>,
+        unmapped: Unmapped<'a>,
+    }
+    #[derive(Serialize)]
+    struct Metadata<'a> {
+        version: &'a str,
+        uid: &'a str,
+        sequence: u64,
+        logged_time: i64,
+        product: Product<'a>,
+    }
+    #[derive(Serialize)]
+    struct Product<'a> {
+        name: &'a str,
+        vendor_name: &'a str,
+    }
+    #[derive(Serialize)]
+    struct Actor<'a> {
+        user: Name<'a>,
+        session: Uid<'a>,
+    }
+    #[derive(Serialize)]
+    struct Name<'a> {
+        name: &'a str,
+    }
+    #[derive(Serialize)]
+    struct Uid<'a> {
+        uid: &'a str,
+    }
+    #[derive(Serialize)]
+    struct Unmapped<'a> {
+        custos: Custos<'a>,
+    }
+    #[derive(Serialize)]
+    struct Custos<'a> {
+        seq: u64,
+        kind: &'a str,
+        connection: &'a str,
+        hash: String,
+        prev_hash: String,
+        committed_unix_nano: i64,
+        event: &'a Event,
+    }
+    let (class_uid, class_name, activity_id, activity_name, status_id) = ocsf_class(event);
+    let status = match status_id {
+        1 => "Success",
+        2 => "Failure",
+        _ => "Unknown",
+    };
+    serde_json::to_vec(&Doc {
+        class_uid,
+        class_name,
+        category_uid: class_uid / 1000,
+        activity_id,
+        activity_name,
+        type_uid: class_uid as u64 * 100 + activity_id as u64,
+        severity_id: 1,
+        status_id,
+        status,
+        time: event.time_unix_nano / 1_000_000,
+        metadata: Metadata {
+            version: "1.1.0",
+            uid: &event.id,
+            sequence: record.seq,
+            logged_time: record.committed_unix_nano / 1_000_000,
+            product: Product {
+                name: "custos",
+                vendor_name: "custos",
+            },
+        },
+        actor: Actor {
+            user: Name {
+                name: &event.identity,
+            },
+            session: Uid {
+                uid: &event.session_id,
+            },
+        },
+        device: Name {
+            name: &event.edge_id,
+        },
+        unmapped: Unmapped {
+            custos: Custos {
+                seq: record.seq,
+                kind: custos_proto::payload_kind(event.payload.as_ref()),
+                connection: &event.connection,
+                hash: hex::encode(&record.hash),
+                prev_hash: hex::encode(&record.prev_hash),
+                committed_unix_nano: record.committed_unix_nano,
+                event,
+            },
+        },
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use custos_proto::v1::{CommandReceived, SessionStarted};
+
+    proptest::proptest! {
+        /// The SIEM feed's straight serializer writes exactly what the `Value` tree gives, for
+        /// every payload kind and any text (quotes, control characters, non-ASCII).
+        #[test]
+        fn ocsf_bytes_match_the_value_tree(
+            kind in 0usize..12,
+            text in ".{0,40}",
+            who in "\\PC{0,12}",
+            seq in proptest::prelude::any::<u64>(),
+            time in proptest::prelude::any::<i64>(),
+            committed in proptest::prelude::any::<i64>(),
+            rows in proptest::prelude::any::<u64>(),
+        ) {
+            use custos_proto::v1::*;
+            let payload = match kind {
+                0 => Payload::SessionStarted(SessionStarted { client_addr: text.clone(), ..Default::default() }),
+                1 => Payload::SessionEnded(SessionEnded { reason: text.clone(), ..Default::default() }),
+                2 => Payload::CommandReceived(CommandReceived {
+                    text: text.clone(),
+                    parameters: vec![text.clone(), String::new()],
+                    verdict: Verdict::Deny as i32,
+                    ..Default::default()
+                }),
+                3 => Payload::CommandCompleted(CommandCompleted {
+                    error: text.clone(),
+                    rows,
+                    result_excerpt: text.clone(),
+                    ..Default::default()
+                }),
+                4 => Payload::ApprovalRequested(ApprovalRequested { reason: text.clone(), ..Default::default() }),
+                5 => Payload::ApprovalDecided(ApprovalDecided { comment: text.clone(), ..Default::default() }),
+                6 => Payload::PolicyApplied(PolicyApplied { description: text.clone(), ..Default::default() }),
+                7 => Payload::ConnectionChanged(ConnectionChanged { address: text.clone(), ..Default::default() }),
+                8 => Payload::TokenIssued(TokenIssued { subject: text.clone(), ..Default::default() }),
+                9 => Payload::GrantUsed(GrantUsed { grant_id: text.clone(), ..Default::default() }),
+                10 => Payload::GrantRevoked(GrantRevoked { grant_id: text.clone(), ..Default::default() }),
+                _ => Payload::SessionStarted(SessionStarted::default()),
+            };
+            let event = Event {
+                id: format!("id-{seq}"),
+                identity: who.clone(),
+                session_id: text.clone(),
+                edge_id: who,
+                connection: text,
+                time_unix_nano: time,
+                payload: (kind < 11).then_some(payload),
+            };
+            let mut rec = next_record(seq, committed, &GENESIS_HASH, &event.id, event.encode_to_vec());
+            rec.seq = seq;
+            let tree = serde_json::to_vec(&ocsf_json(&rec, &event)).unwrap();
+            let straight = ocsf_bytes(&rec, &event).unwrap();
+            proptest::prop_assert_eq!(String::from_utf8(straight).unwrap(), String::from_utf8(tree).unwrap());
+        }
+    }
 
     fn chain(n: u64) -> Vec<AuditRecord> {
         let mut prev = GENESIS_HASH.to_vec();
