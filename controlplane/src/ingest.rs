@@ -364,13 +364,13 @@ async fn check_rewound<S: EventSource + ?Sized>(
                 });
             }
             if items.len() >= max.max(1) || bytes >= MAX_ENTRY_BYTES {
-                if !commit_read_back(inner, std::mem::take(&mut items), "reused").await {
+                if !commit_reused(inner, std::mem::take(&mut items)).await {
                     return false;
                 }
                 bytes = 0;
             }
         }
-        if !items.is_empty() && !commit_read_back(inner, items, "reused").await {
+        if !items.is_empty() && !commit_reused(inner, items).await {
             return false;
         }
     }
@@ -381,21 +381,30 @@ async fn check_rewound<S: EventSource + ?Sized>(
     true
 }
 
-/// Commit events read back from the stream; counted under `result`. False when the commit failed.
-async fn commit_read_back(inner: &Inner, items: Vec<IngestItem>, result: &str) -> bool {
+/// Commit events read back from the stream (by [`fill`] or [`check_rewound`]); counted under
+/// `result`.
+async fn commit_read_back(
+    inner: &Inner,
+    items: Vec<IngestItem>,
+    result: &str,
+) -> Result<(), String> {
     let n = items.len() as u64;
     let cmd = Command::Ingest {
         committed_unix_nano: custos_core::events::now_unix_nano(),
         items,
     };
-    match propose(inner, cmd).await {
-        Ok(resp) => {
-            count(inner, &resp);
-            inner
-                .metrics
-                .add("custos_ingest_events_total", &[("result", result)], n);
-            true
-        }
+    let resp = propose(inner, cmd).await?;
+    count(inner, &resp);
+    inner
+        .metrics
+        .add("custos_ingest_events_total", &[("result", result)], n);
+    Ok(())
+}
+
+/// [`commit_read_back`] for [`check_rewound`]: false (and a warning) when the commit failed.
+async fn commit_reused(inner: &Inner, items: Vec<IngestItem>) -> bool {
+    match commit_read_back(inner, items, "reused").await {
+        Ok(()) => true,
         Err(e) => {
             tracing::warn!(error = %e, "could not commit events read back from the stream; retrying");
             false
@@ -505,19 +514,7 @@ async fn fill<S: EventSource + ?Sized>(
             );
         }
         if !found.is_empty() {
-            let n = found.len() as u64;
-            let resp = propose(
-                inner,
-                Command::Ingest {
-                    committed_unix_nano: custos_core::events::now_unix_nano(),
-                    items: found,
-                },
-            )
-            .await?;
-            count(inner, &resp);
-            inner
-                .metrics
-                .add("custos_ingest_events_total", &[("result", "filled")], n);
+            commit_read_back(inner, found, "filled").await?;
         }
     }
     Ok(())
