@@ -1204,6 +1204,121 @@ async fn committed_records_are_republished_as_ocsf_json_for_siems() -> Result<()
     Ok(())
 }
 
+/// Read `CUSTOS_AUDIT` from the start until `want` records arrived or 20 s passed; returns each
+/// record's `Custos-Seq` in stream order.
+async fn siem_sequences(
+    js: &async_nats::jetstream::Context,
+    durable: &str,
+    want: usize,
+) -> Result<Vec<u64>> {
+    use futures::StreamExt;
+    let stream = js.get_stream("CUSTOS_AUDIT").await?;
+    let consumer = stream
+        .get_or_create_consumer(
+            durable,
+            async_nats::jetstream::consumer::pull::Config {
+                durable_name: Some(durable.into()),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while seen.len() < want && std::time::Instant::now() < deadline {
+        let mut batch = consumer
+            .fetch()
+            .max_messages(100)
+            .expires(Duration::from_millis(300))
+            .messages()
+            .await?;
+        while let Some(m) = batch.next().await {
+            let m = m.map_err(|e| anyhow::anyhow!("{e}"))?;
+            let seq = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Custos-Seq"))
+                .and_then(|v| v.as_str().parse().ok())
+                .ok_or_else(|| anyhow::anyhow!("SIEM message without Custos-Seq"))?;
+            seen.push(seq);
+            m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+    }
+    Ok(seen)
+}
+
+/// The SIEM feed sends most records without a per-message ack. A record the stream refuses in
+/// the middle of a batch (here: larger than the stream's `max_msg_size`) must stop the feed at
+/// that record, not be skipped because the records after it were stored; once the operator lifts
+/// the limit, it arrives, exactly once, and so does everything after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_siem_stream_refuses_is_sent_again_not_skipped() -> Result<()> {
+    let nats = Nats::start()?;
+    let root = tempfile::tempdir()?;
+    let (bus, origin) = publisher(&nats, "carol", "prod.pg").await?;
+    let js = bus.jetstream().clone();
+    let mut config = async_nats::jetstream::stream::Config {
+        name: "CUSTOS_AUDIT".into(),
+        subjects: vec!["custos.audit.>".into()],
+        storage: async_nats::jetstream::stream::StorageType::File,
+        duplicate_window: Duration::from_secs(120),
+        max_message_size: 4096,
+        ..Default::default()
+    };
+    js.create_stream(config.clone()).await?;
+    let mut nodes = cluster(
+        root.path(),
+        &[1],
+        &[1],
+        &ClusterOpts {
+            nats_url: Some(nats.url()),
+            ..Default::default()
+        },
+    )?;
+    let started = |protocol: String| {
+        origin.event(Payload::SessionStarted(SessionStarted {
+            protocol,
+            ..Default::default()
+        }))
+    };
+    // Record 6 is too large for the stream; the ones around it are not. All eleven are on the
+    // bus before the node starts, so they commit, and reach the SIEM feed, together.
+    for i in 1..=11 {
+        let protocol = if i == 6 {
+            "x".repeat(8192)
+        } else {
+            "postgres".into()
+        };
+        bus.publish(&started(protocol)).await?;
+    }
+    nodes[0].spawn()?;
+    let seen = siem_sequences(&js, "before", 10).await?;
+    assert_eq!(
+        seen,
+        vec![1, 2, 3, 4, 5, 7, 8, 9, 10, 11],
+        "the stream holds every record it accepted, once"
+    );
+    // The feed is stuck at record 6 and says why.
+    let mut said = false;
+    for _ in 0..50 {
+        if nodes[0].log().contains("refused record 6") {
+            said = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(said, "the log names the refused record: {}", nodes[0].log());
+    config.max_message_size = -1;
+    js.update_stream(config).await?;
+    for _ in 12..=14 {
+        bus.publish(&started("postgres".into())).await?;
+    }
+    let mut seen = siem_sequences(&js, "after", 14).await?;
+    assert_eq!(seen.len(), 14, "each record once: {seen:?}");
+    seen.sort_unstable();
+    assert_eq!(seen, (1..=14).collect::<Vec<u64>>(), "no record skipped");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_between_nodes_and_clients() -> Result<()> {
     let root = tempfile::tempdir()?;

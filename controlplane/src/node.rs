@@ -205,6 +205,11 @@ impl ControlPlane {
                 let m = custos_core::metrics::Metrics::new();
                 m.describe("custos_ingest_events_total", "counter", "Bus events committed by this node as leader: appended, duplicate (dropped) or parked (malformed).");
                 m.describe(
+                    "custos_siem_records_total",
+                    "counter",
+                    "Records the leader republished to the SIEM stream: published (the batch ack confirmed them all) or resent (re-sent one by one after the stream did not store a whole batch).",
+                );
+                m.describe(
                     "custos_ingest_bus_messages_total",
                     "counter",
                     "Bus messages the leader fetched; events fetched divided by this is the publishers' mean batch size.",
