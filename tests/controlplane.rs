@@ -730,9 +730,25 @@ async fn a_follower_far_behind_catches_up_through_a_large_snapshot() -> Result<(
             .join("\n");
         anyhow::bail!("{caught_up:?}\nfollower log (last lines, newest first):\n{tail}");
     }
+    // The store holds the snapshot's records a moment before Raft's metrics (which the status
+    // reports) show the snapshot: wait for those too.
+    let reported = eventually(
+        Duration::from_secs(15),
+        "the follower's status to report the installed snapshot",
+        || {
+            let vs = vs.clone();
+            async move {
+                match client(&vs).await.status().await {
+                    Ok(st) => st.snapshot_index > 0,
+                    Err(_) => false,
+                }
+            }
+        },
+    )
+    .await;
     let st = client(&vs).await.status().await?;
     assert!(
-        st.snapshot_index > 0,
+        reported.is_ok() && st.snapshot_index > 0,
         "it caught up from a snapshot: {st:?}"
     );
     assert!(
